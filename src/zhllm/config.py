@@ -1,0 +1,191 @@
+"""Typed configs: dataclasses filled from YAML files and `--set a.b=c` overrides.
+
+Unknown keys, wrong types and missing files are `ConfigError`s naming the key and the file, so a typo in
+a recipe fails at start-up instead of silently training with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing file or a non-mapping document is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=3` -> (['a', 'b'], 3). The value is parsed as YAML, so numbers, bools and lists get their type."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Return a copy of `data` with each `a.b=c` override applied (creating nested mappings as needed)."""
+    out = _deep_copy(data)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge: mappings merge key by key, anything else in `update` replaces."""
+    out = _deep_copy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = _deep_copy(v)
+    return out
+
+
+def _deep_copy(x):
+    if isinstance(x, dict):
+        return {k: _deep_copy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deep_copy(v) for v in x]
+    return x
+
+
+def from_dict(cls: type[T], data: dict | None, source: str = "<config>", prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, checking every key and value type.
+
+    `source` names the file (for messages), `prefix` the dotted path of this section.
+    """
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known keys here: {known})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def to_dict(obj) -> dict:
+    """A dataclass config as plain dicts/lists (for writing the resolved config.yaml of a run)."""
+    return dataclasses.asdict(obj)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp, value, source: str, key: str):
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{source}: '{key}' = {value!r} does not fit type {_type_name(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # a single value where a list is expected: `--set data.path=dir`
+        (item_tp, *_rest) = get_args(tp) or (Any,)
+        return [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        _, val_tp = get_args(tp) or (Any, Any)
+        return {k: _coerce(val_tp, v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML reads "3e-4" as a string; accept it as the number users mean
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                defaults: dict | None = None) -> T:
+    """defaults <- YAML file <- overrides, then typed into `cls`."""
+    data = dict(defaults or {})
+    source = "<defaults>"
+    if path is not None:
+        data = merge(data, read_yaml(path))
+        source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} (with --set overrides)" if path else "--set overrides"
+    return from_dict(cls, data, source)

@@ -1,0 +1,184 @@
+"""HF-native checkpoint directories: config.json + model.safetensors + generation_config.json + tokenizer.
+
+A directory saved here loads with `AutoModelForCausalLM.from_pretrained`, and any HF Llama/Qwen2 directory
+(single or sharded safetensors, or a legacy `pytorch_model.bin`) loads here. Directories are written under a
+temporary name and renamed when complete, so a crash never leaves a half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..errors import ZhllmError
+from .config import ModelConfig
+from .transformer import Transformer, rope_frequencies
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+IGNORED_KEYS = ("rotary_emb.inv_freq",)
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path):
+    """Yield a temporary sibling directory; on success it replaces `out_dir` in one rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if out_dir.exists():
+            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(trash)
+            tmp.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise ZhllmError(f"model directory not found: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ZhllmError(f"{path} is not a model directory (no config.json)")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ZhllmError(f"{cfg_file}: invalid JSON ({e})") from None
+    try:
+        return ModelConfig.from_hf_dict(data, str(cfg_file))
+    except KeyError as e:
+        raise ZhllmError(f"{cfg_file}: missing key {e}") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin"):
+        found = sorted(path.glob(pattern))
+        if found:
+            return found
+    raise ZhllmError(f"{path}: no weights found (expected model.safetensors, a sharded index or pytorch_model.bin)")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(Path(path)):
+        try:
+            part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+            raise ZhllmError(f"{f}: cannot read weights ({str(e).splitlines()[0]}); the file is corrupted or incomplete") from None
+        state.update(part)
+    return state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               train: bool = False) -> Transformer:
+    """Load any HF Llama/Qwen2 directory as a zhllm Transformer (eval mode unless `train`)."""
+    cfg = read_model_config(path)
+    state = read_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # untied config but one saved matrix
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ZhllmError(f"{path}: weights do not match config.json ({what})")
+    for k, v in state.items():
+        want = model.get_parameter(k).shape
+        if tuple(v.shape) != tuple(want):
+            raise ZhllmError(f"{path}: weight {k} has shape {tuple(v.shape)}, config.json implies {tuple(want)}")
+    target = dtype or state["model.embed_tokens.weight"].dtype
+    state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(cfg)[0].to(device)  # buffers built on the meta device hold no data
+    return model.train(train)
+
+
+def new_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> Transformer:
+    return Transformer(cfg).to(device).init_weights(seed)
+
+
+def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra_files: dict[str, bytes] | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write an HF-native checkpoint directory atomically.
+
+    tokenizer: a transformers tokenizer (saved with save_pretrained) or a directory whose tokenizer files
+    are copied. extra_files: name -> bytes written alongside (e.g. trainer state).
+    """
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors stores no aliases; transformers re-ties on load
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(state["model.embed_tokens.weight"].dtype).replace("torch.", "")
+    with atomic_directory(out_dir) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n")
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp)
+            gen.update(_generation_ids(tmp, cfg))
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return Path(out_dir)
+
+
+def copy_tokenizer(tokenizer, dest: Path) -> None:
+    if isinstance(tokenizer, (str, Path)):
+        src = Path(tokenizer)
+        found = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+        if not found:
+            raise ZhllmError(f"{src}: no tokenizer files found")
+        for f in found:
+            shutil.copyfile(f, dest / f.name)
+    else:
+        tokenizer.save_pretrained(str(dest))
+
+
+def _generation_ids(tok_dir: Path, cfg: ModelConfig) -> dict:
+    """eos = the tokenizer's eos plus ChatML's <|im_end|>, so chat generation stops at end of turn."""
+    from ..tokenizer.load import load_tokenizer
+    tok = load_tokenizer(tok_dir)
+    eos = []
+    for t in (tok.eos_token, "<|im_end|>"):
+        i = tok.convert_tokens_to_ids(t) if t else None
+        if i is not None and i != tok.unk_token_id and i not in eos:
+            eos.append(i)
+    out = {"eos_token_id": eos[0] if len(eos) == 1 else (eos or cfg.eos_token_id)}
+    if tok.pad_token_id is not None:
+        out["pad_token_id"] = tok.pad_token_id
+    if tok.bos_token_id is not None:
+        out["bos_token_id"] = tok.bos_token_id
+    return out

@@ -1,0 +1,19 @@
+"""Loading tokenizers: every zhllm tokenizer is a plain HF directory that AutoTokenizer reads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ZhllmError
+
+
+def load_tokenizer(path: str | Path):
+    """`AutoTokenizer.from_pretrained(path)` with a clear error for a missing or broken directory."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ZhllmError(f"tokenizer directory not found: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ZhllmError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
