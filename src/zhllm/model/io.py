@@ -7,46 +7,19 @@ temporary name and renamed when complete, so a crash never leaves a half-written
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import ZhllmError
+from ..fsutil import atomic_directory
 from .config import ModelConfig
 from .transformer import Transformer, rope_frequencies
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
-
-
-@contextmanager
-def atomic_directory(out_dir: str | Path):
-    """Yield a temporary sibling directory; on success it replaces `out_dir` in one rename."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(trash)
-            tmp.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_model_config(path: str | Path) -> ModelConfig:

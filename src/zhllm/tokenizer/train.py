@@ -1,0 +1,89 @@
+"""Byte-level BPE for Chinese + English + code, trained with HF `tokenizers` and saved as an HF directory.
+
+Pre-tokenisation splits on the GPT-4/Qwen2 pattern: runs of letters (a CJK run is one piece, so BPE can
+learn multi-character words inside it), single digits (numbers stay compositional, which helps arithmetic),
+punctuation runs and whitespace. Bytes are the base alphabet, so nothing is ever unknown.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..fsutil import atomic_directory
+
+EOS = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def special_tokens(num_reserved: int) -> list[str]:
+    """EOS and the ChatML pair first (ids 0, 1, 2), then reserved slots for later stages' control tokens."""
+    return [EOS, IM_START, IM_END] + [f"<|reserved_{i}|>" for i in range(num_reserved)]
+
+
+def byte_level_pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, num_reserved: int = 13, min_frequency: int = 2,
+              show_progress: bool = False):
+    """Train a byte-level BPE `tokenizers.Tokenizer` on an iterator of texts."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = byte_level_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens(num_reserved),
+        initial_alphabet=ByteLevel.alphabet(), show_progress=show_progress)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def wrap_hf(tok, model_max_length: int = 32768):
+    """A `PreTrainedTokenizerFast` with ChatML template and EOS/pad set: what AutoTokenizer will load."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=None,
+                                 bos_token=None, model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    hf.chat_template = CHATML_TEMPLATE
+    hf.add_special_tokens({"additional_special_tokens": [t for t in special_tokens(0) if t != EOS]})
+    return hf
+
+
+def save_hf_tokenizer(hf, out_dir: str | Path) -> Path:
+    """save_pretrained, then make tokenizer_config.json readable by transformers 4.x as well as 5.x:
+    the generic class name, the template inline, and the 4.x name for the extra special tokens."""
+    with atomic_directory(out_dir) as tmp:
+        hf.save_pretrained(str(tmp))
+        cfg_file = tmp / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if hf.chat_template:
+            cfg["chat_template"] = hf.chat_template
+        extra = cfg.get("extra_special_tokens")
+        if isinstance(extra, list):
+            cfg["additional_special_tokens"] = extra
+        cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return Path(out_dir)
+
+
+def train_tokenizer_from_texts(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
+                               num_reserved: int = 13, show_progress: bool = False) -> Path:
+    """Train and save; the directory loads with `AutoTokenizer.from_pretrained(out_dir)`."""
+    tok = train_bpe(texts, vocab_size, num_reserved=num_reserved, show_progress=show_progress)
+    return save_hf_tokenizer(wrap_hf(tok), out_dir)
