@@ -1,0 +1,125 @@
+"""Batches of SFT examples for the training loop: packed rows with segment ids, or length-grouped padding.
+
+Packing puts several conversations into one row of `seq_len` tokens (first-fit decreasing, deterministic)
+and returns `segment_ids`, so the model attends only within each conversation and restarts positions per
+conversation: a packed row gives exactly the per-token losses of the conversations run one by one. The first
+token of every conversation is never a label (it is the template's `<|im_start|>`), so no loss crosses a
+boundary either. Without packing, rows are single conversations padded to the longest in the batch, with
+neighbouring rows of similar length (length-grouped) so little compute goes to padding.
+
+The row order is a pure function of (seed, epoch, position) (ARCHITECTURE rule 6): `batch(start, count)`
+returns global rows start..start+count-1, epoch after epoch, so a resumed run sees the same data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ZhllmError
+from .chat import IGNORE
+
+Example = tuple[list[int], list[int]]  # (input_ids, labels) from chat.encode_records
+PAD_SEGMENT = -1
+
+
+def pack_first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of example indices whose lengths sum to <= capacity: first-fit decreasing, ties by index.
+
+    Longest first leaves the short conversations to fill the gaps; a tie-break on the index makes the
+    result independent of sort stability. Bins keep their examples in input order.
+    """
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        raise ZhllmError(f"{len(too_long)} SFT examples are longer than the packed row ({capacity} tokens); "
+                         f"set data.max_len <= the sequence length")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        # Linear scan is fine: SFT sets have 1e4-1e6 conversations and most fit in the first few open bins.
+        for b, room in enumerate(free):
+            if n <= room:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - n)
+    return [sorted(b) for b in bins]
+
+
+class SFTDataset:
+    """Rows of SFT examples, indexed by a global position (see module docstring).
+
+    packing=True: `seq_len` is the packed row length and every batch is (count, seq_len) with `segment_ids`
+    (PAD_SEGMENT on padding). packing=False: each row is one example, batches are padded to their longest row
+    and carry `attention_mask`; `group_window` consecutive rows (after the epoch's shuffle) are sorted by length.
+    """
+
+    def __init__(self, examples: list[Example], seq_len: int, packing: bool = True, seed: int = 0,
+                 pad_id: int = 0, group_window: int = 64):
+        if not examples:
+            raise ZhllmError("no SFT examples to train on (all records were skipped or the input is empty)")
+        self.examples, self.seq_len, self.packing = examples, seq_len, packing
+        self.seed, self.pad_id, self.group_window = seed, pad_id, group_window
+        lengths = [len(ids) for ids, _ in examples]
+        if packing:
+            self.rows = pack_first_fit(lengths, seq_len)
+        else:
+            if max(lengths) > seq_len:
+                raise ZhllmError(f"an SFT example has {max(lengths)} tokens, more than seq_len {seq_len}")
+            self.rows = [[i] for i in range(len(examples))]
+        self.row_lengths = np.array([sum(lengths[i] for i in r) for r in self.rows], dtype=np.int64)
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens in one epoch."""
+        return int(self.row_lengths.sum())
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Row indices of one epoch: a seeded shuffle, then (without packing) sorted by length per window."""
+        if self._order_cache is not None and self._order_cache[0] == epoch:
+            return self._order_cache[1]
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        if not self.packing and self.group_window > 1:
+            for s in range(0, len(perm), self.group_window):
+                w = perm[s:s + self.group_window]
+                perm[s:s + self.group_window] = w[np.argsort(-self.row_lengths[w], kind="stable")]
+        self._order_cache = (epoch, perm)
+        return perm
+
+    def row_indices(self, start: int, count: int) -> list[int]:
+        n = len(self.rows)
+        return [int(self.order(pos // n)[pos % n]) for pos in range(start, start + count)]
+
+    def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        """Rows start..start+count-1 (global positions, wrapping into later epochs) as tensors."""
+        rows = [self.rows[r] for r in self.row_indices(start, count)]
+        return self.collate(rows)
+
+    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = self.seq_len if self.packing else max(sum(len(self.examples[i][0]) for i in r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        extra = torch.full((len(rows), width), PAD_SEGMENT if self.packing else 0, dtype=torch.long)
+        for b, row in enumerate(rows):
+            pos = 0
+            for seg, i in enumerate(row):
+                x, y = self.examples[i]
+                ids[b, pos:pos + len(x)] = torch.tensor(x)
+                labels[b, pos:pos + len(y)] = torch.tensor(y)
+                labels[b, pos] = IGNORE  # nothing predicts a conversation's first token across a boundary
+                extra[b, pos:pos + len(x)] = seg if self.packing else 1
+                pos += len(x)
+        key = "segment_ids" if self.packing else "attention_mask"
+        return {"input_ids": ids, "labels": labels, key: extra}
+
+
+def packing_efficiency(dataset: SFTDataset) -> float:
+    """Fraction of row slots holding real tokens (1.0 = no padding) when rows are seq_len long."""
+    return dataset.num_tokens / (len(dataset) * dataset.seq_len)

@@ -1,0 +1,195 @@
+"""LoRA on zhllm's model via `peft`, adapters in PEFT's own format, merging, QLoRA, NEFTune, freezing.
+
+zhllm's module names are transformers' (`model.layers.N.self_attn.q_proj`, ...), so `peft` injects its LoRA
+layers into our model directly and the adapter keys are the ones `PeftModel` writes for an HF CausalLM once
+the `base_model.model.` prefix of its wrapper is added. An adapter saved here therefore loads with
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ZhllmError
+from ..fsutil import atomic_directory
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers CausalLM
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def lora_config(r: int = 8, alpha: float = 16, dropout: float = 0.0, target: Sequence[str] = LORA_TARGETS,
+                rslora: bool = False):
+    from peft import LoraConfig
+
+    if r <= 0:
+        raise ZhllmError(f"lora.r must be positive, got {r}")
+    if not 0 <= dropout < 1:
+        raise ZhllmError(f"lora.dropout must be in [0, 1), got {dropout}")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target),
+                      use_rslora=rslora, bias="none", task_type="CAUSAL_LM")
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               target: Sequence[str] = LORA_TARGETS, rslora: bool = False, qlora: bool = False) -> nn.Module:
+    """Inject LoRA layers in place; afterwards only the LoRA matrices require grad."""
+    return inject_lora(model, lora_config(r, alpha, dropout, target, rslora), qlora=qlora)
+
+
+def inject_lora(model: nn.Module, config, qlora: bool = False) -> nn.Module:
+    from peft import inject_adapter_in_model
+
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(config.target_modules) - present)
+    if unknown:
+        raise ZhllmError(f"lora.target names {unknown} are not linear layers of this model "
+                         f"(choose from {', '.join(sorted(present - {'lm_head'}))})")
+    if qlora:
+        quantize_base_4bit(model)
+    model = inject_adapter_in_model(config, model)
+    model.peft_config = {"default": config}  # where PeftModel keeps it too; save_adapter reads it back
+    return model
+
+
+def quantize_base_4bit(model: nn.Module) -> None:
+    """QLoRA's base: every linear layer but lm_head becomes a frozen NF4 `bitsandbytes` layer on the GPU."""
+    if not torch.cuda.is_available():
+        raise ZhllmError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit weights); on CPU use plain LoRA (lora.qlora=false)")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ZhllmError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.endswith("lm_head"):
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=torch.bfloat16, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        _replace_module(model, name, q)
+    model.cuda()  # Params4bit quantises when moved to the GPU
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights under the keys PeftModel.save_pretrained would write for an HF CausalLM."""
+    from peft import get_peft_model_state_dict
+
+    if not _lora_layers(model):
+        raise ZhllmError("the model has no LoRA layers to save (apply_lora first)")
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_dir: str | Path | None = None) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT format) atomically."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        raise ZhllmError("the model has no LoRA config to save (apply_lora first)")
+    state = adapter_state_dict(model)
+    config_dict = config.to_dict()
+    config_dict["base_model_name_or_path"] = str(base_model_dir) if base_model_dir else None
+    config_dict["task_type"] = "CAUSAL_LM"
+    config_dict["target_modules"] = sorted(config.target_modules)  # a set in memory; JSON wants a list
+    with atomic_directory(out_dir) as tmp:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+    return Path(out_dir)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Inject the adapter's LoRA layers into `model` and load its weights (any PEFT LoRA adapter directory)."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise ZhllmError(f"{adapter_dir} is not a PEFT adapter directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    try:
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise ZhllmError(f"{adapter_dir / ADAPTER_CONFIG}: not a LoRA config ({str(e).splitlines()[0]})") from None
+    config.inference_mode = False
+    model = inject_lora(model, config)
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
+    result = set_peft_model_state_dict(model, state)
+    expected = {k.removeprefix(PEFT_PREFIX) for k in adapter_state_dict(model)}
+    missing = sorted(expected - set(state))
+    if missing or getattr(result, "unexpected_keys", None):
+        what = f"missing {missing[:2]}" if missing else f"unexpected {result.unexpected_keys[:2]}"
+        raise ZhllmError(f"{adapter_dir}: adapter does not match the base model ({what})")
+    return model
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into its base weight and put the plain nn.Linear back: a normal model again."""
+    for name, layer in _lora_layers(model):
+        layer.merge(safe_merge=True)
+        _replace_module(model, name, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
+def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Base checkpoint + adapter -> full HF-native checkpoint (with the tokenizer) in the base's dtype."""
+    from ..model.io import TOKENIZER_FILES, load_model, read_state_dict, save_model
+
+    base_dtype = next(iter(read_state_dict(base_dir).values())).dtype
+    model = load_model(base_dir, dtype=torch.float32)  # merge in fp32, store in the base's dtype
+    model = merge_adapter(load_adapter(model, adapter_dir))
+    tokenizer = next((d for d in (Path(adapter_dir), Path(base_dir))
+                      if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
+    return save_model(model, out_dir, tokenizer=tokenizer, dtype=base_dtype)
+
+
+def enable_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
+    """NEFTune: uniform noise of scale alpha/sqrt(seq_len*dim) on the input embeddings, in training mode only.
+
+    Returns the hook handle; `.remove()` turns it off. The noise draws from torch's global RNG, which the
+    trainer seeds, so runs stay reproducible.
+    """
+    if alpha <= 0:
+        raise ZhllmError(f"neftune_alpha must be positive, got {alpha}")
+
+    def add_noise(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    return model.model.embed_tokens.register_forward_hook(add_noise)
+
+
+def freeze_params(model: nn.Module, embeddings: bool = False, first_layers: int = 0) -> int:
+    """Stop training the token embeddings (and a tied lm_head with them) and/or the first N decoder layers.
+
+    Returns how many parameters remain trainable.
+    """
+    layers = model.model.layers
+    if not 0 <= first_layers <= len(layers):
+        raise ZhllmError(f"freeze.first_layers must be between 0 and {len(layers)}, got {first_layers}")
+    if embeddings:
+        model.model.embed_tokens.weight.requires_grad_(False)
+    for layer in list(layers)[:first_layers]:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
