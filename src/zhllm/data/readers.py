@@ -410,6 +410,8 @@ def _csv_records(path: Path, gz: bool, strict: bool, stats: ReadStats) -> Iterat
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are longer than csv's 128 KB default
     with _open_text(path, gz) as fh:
         reader = csv.DictReader(fh)
+        if reader.fieldnames is None:  # reads the header row; an empty file has no records
+            return
         first_line = reader.line_num + 1
         for row in reader:
             line_no, first_line = first_line, reader.line_num + 1  # a quoted cell may span several lines
@@ -474,15 +476,19 @@ class _JsonArrayReader:
         while True:
             try:
                 value, end = self.decoder.raw_decode(self.buf, self.pos)
-            except json.JSONDecodeError:
-                # Probably the element continues past the buffer; read more (doubling keeps it linear).
-                if not self._grow():
+            except json.JSONDecodeError as e:
+                # If the element just continues past the buffer, read more (doubling keeps it linear);
+                # a real syntax error stops here instead of pulling the rest of a huge file into memory.
+                if not self._truncated(e) or not self._grow():
                     raise
                 continue
             if end == len(self.buf) and not self.eof and self._grow():
                 continue  # a number at the buffer's end may have more digits coming
             self.pos = end
             return value
+
+    def _truncated(self, e: json.JSONDecodeError) -> bool:
+        return e.msg.startswith("Unterminated string") or not self.buf[e.pos:].strip()
 
     def _grow(self) -> bool:
         want = max(len(self.buf) - self.pos, _CHUNK)
@@ -501,7 +507,12 @@ class _JsonArrayReader:
 
 def _json_array_records(path: Path, gz: bool, strict: bool, stats: ReadStats) -> Iterator[Record]:
     """Elements of a top-level array, numbered from 1. A syntax error ends the file: after it the element
-    boundaries are unknowable, so the rest is counted as one invalid_json record."""
+    boundaries are unknowable, so the rest is counted as one invalid_json record.
+
+    Many corpora named `.json` are really JSON Lines; a file starting with `{` is read as such."""
+    if _first_char(path, gz) == "{":
+        yield from _jsonl_records(path, gz, strict, stats)
+        return
     with _open_text(path, gz) as fh:
         index = 0
         try:
@@ -519,6 +530,17 @@ def _json_array_records(path: Path, gz: bool, strict: bool, stats: ReadStats) ->
                     yield Record(obj, path, index)
         except json.JSONDecodeError as e:
             stats.add_bad(f"{path}:{index + 1}", INVALID_JSON, e.msg, strict)
+
+
+def _first_char(path: Path, gz: bool) -> str:
+    with _open_text(path, gz) as fh:
+        while True:
+            chunk = fh.read(4096)
+            if not chunk:
+                return ""
+            stripped = chunk.lstrip(" \t\r\n\ufeff")
+            if stripped:
+                return stripped[0]
 
 
 def _parquet_records(path: Path, gz: bool, strict: bool, stats: ReadStats) -> Iterator[Record]:
