@@ -1,0 +1,139 @@
+"""Typed config of a training run: `model`, `data`, `train`, `eval`, `checkpoint`, `log`, `out_dir`.
+
+Every stage (pretraining now; SFT, DPO, reward modelling later) reads this same shape, with its own
+defaults from a recipe YAML, so a new stage never needs a new config parser.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from ..config import PACKAGE_CONFIGS, load_config
+from ..errors import ConfigError
+
+
+@dataclass
+class DataSection:
+    path: list[str] = field(default_factory=list)  # one or more shard directories
+    weights: Optional[list[float]] = None          # mixing weights, one per path
+
+
+@dataclass
+class TrainSection:
+    max_steps: Optional[int] = None
+    max_tokens: Optional[int] = None   # used when max_steps is not set
+    batch_size: int = 4                # micro-batch per process
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2        # WSD: share of the steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0             # 0 disables clipping
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 0
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    ddp_powersgd: bool = False
+    zero1: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_nonfinite: int = 5             # consecutive skipped steps before the run stops
+    threads: int = 0                   # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class EvalSection:
+    every: int = 200                   # 0 disables periodic eval
+    batches: int = 8
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500                   # 0 = only at the end (and on SIGTERM)
+    keep: int = 3                      # newest K kept, plus the best by val loss
+
+
+@dataclass
+class LogSection:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    # `preset` (configs/model/ name or YAML path) and/or ModelConfig fields, or `init_from: DIR`
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    out_dir: str = "runs/pretrain"
+
+    def validate(self, source: str) -> "RunConfig":
+        t = self.train
+        if t.max_steps is None and t.max_tokens is None:
+            raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
+        for name in ("batch_size", "grad_accum", "seq_len"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"{source}: train.{name} must be >= 1")
+        if not self.data.path:
+            raise ConfigError(f"{source}: data.path must name at least one shard directory")
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.path):
+            raise ConfigError(f"{source}: data.weights has {len(self.data.weights)} entries "
+                              f"for {len(self.data.path)} data.path entries")
+        model_fields(self.model, source)  # fail at start-up on a typo in a model field
+        if not 0 < t.decay_fraction <= 1:
+            raise ConfigError(f"{source}: train.decay_fraction must be in (0, 1]")
+        return self
+
+
+def resolve_recipe(path: str | Path, stage: str = "pretrain") -> Path:
+    """A recipe path, or a bare name like `tiny` looked up in the package's configs/<stage>/."""
+    p = Path(path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    packaged = PACKAGE_CONFIGS / stage / f"{path}.yaml"
+    return packaged if packaged.is_file() else p
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None, stage: str = "pretrain") -> RunConfig:
+    path = resolve_recipe(path, stage)
+    cfg = load_config(RunConfig, path, overrides)
+    source = str(path) + (" (with --set overrides)" if overrides else "")
+    return cfg.validate(source)
+
+
+def model_fields(section: dict, source: str, vocab_size: int | None = None):
+    """The `model` section as (init_from, ModelConfig or None), checking every key against ModelConfig."""
+    from ..config import from_dict, read_yaml
+    from ..model.config import ModelConfig, preset_names
+    rest = dict(section)
+    preset, init_from = rest.pop("preset", None), rest.pop("init_from", None)
+    if init_from is not None:
+        if preset is not None or rest:
+            extra = "preset" if preset is not None else next(iter(rest))
+            raise ConfigError(f"{source}: model.init_from takes the shape from the checkpoint; remove model.{extra}")
+        return str(init_from), None
+    if preset is None and not rest:
+        raise ConfigError(f"{source}: set model.preset (and/or model fields) or model.init_from")
+    base: dict = {}
+    if preset is not None:
+        path = Path(str(preset))
+        if path.suffix not in (".yaml", ".yml"):
+            path = PACKAGE_CONFIGS / "model" / f"{preset}.yaml"
+            if not path.is_file():
+                raise ConfigError(f"{source}: unknown model.preset {preset!r} (presets: {', '.join(preset_names())})")
+        base = read_yaml(path)
+    if vocab_size is not None:
+        base["vocab_size"] = vocab_size  # a preset's vocab follows the data's tokenizer
+    return None, from_dict(ModelConfig, {**base, **rest}, source, "model.")

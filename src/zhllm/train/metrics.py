@@ -1,0 +1,174 @@
+"""What a run reports: console lines, metrics.jsonl, TensorBoard, MFU, and PNG plots of a run directory."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, by a substring of the device name.
+GPU_PEAK_BF16 = {"H100": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, "A800": 312e12,
+                 "L40S": 362e12, "L40": 181e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "A10": 125e12,
+                 "V100": 125e12, "T4": 65e12}
+PEAK_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zhllm" / "matmul_peak.json"
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters (lm_head included, embedding lookup not) plus the
+    attention scores and values, 12 x layers x heads x head_dim x seq_len (PaLM appendix B)."""
+    matmul_params = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.dim
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def measure_matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up (oneDNN picks its kernel on first call)
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Known GPU peak, or on CPU a matmul peak measured once per (CPU, threads, dtype) and cached."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak / (2 if precision == "fp32" else 1)
+        return None
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    cache = {}
+    try:
+        cache = json.loads(PEAK_CACHE.read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    if key not in cache:
+        cache[key] = measure_matmul_peak(dtype)
+        try:
+            from ..fsutil import atomic_write_text
+            atomic_write_text(PEAK_CACHE, json.dumps(cache, indent=1))
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+    return cache[key]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class MetricsLogger:
+    """Rank 0 only: appends records to metrics.jsonl, mirrors scalars to TensorBoard, prints lines."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, echo=print):
+        self.path = run_dir / "metrics.jsonl"
+        self.echo = echo
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                pass
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict, line: str | None = None) -> None:
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        if self.tb is not None:
+            kind = record.get("kind", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "kind"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+            for i, text in enumerate(record.get("samples", [])):
+                self.tb.add_text(f"sample/{i}", text, record["step"])
+        if line:
+            self.echo(line)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train_line(r: dict) -> str:
+    mfu = f" mfu {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
+    return (f"step {r['step']}/{r['max_steps']} loss {r['loss']:.4f} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
+            f"tok/s {r['tokens_per_s']:.0f}{mfu} mem {r['memory_gb']:.2f}GB eta {format_eta(r['eta_s'])}")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Records of metrics.jsonl; for a step logged twice (a resumed run re-does steps) the last one wins."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        from ..errors import ZhllmError
+        raise ZhllmError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
+    by_key = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            by_key[(r.get("kind", "train"), r["step"])] = r
+    return [by_key[k] for k in sorted(by_key, key=lambda k: (k[1], k[0]))]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """plots/loss.png (train and val), plots/lr.png, plots/throughput.png from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    val = [r for r in records if r.get("kind") == "eval"]
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    panels = [("loss", [("train", train, "loss"), ("val", val, "val_loss")], "loss (nats/token)"),
+              ("lr", [("lr", train, "lr")], "learning rate"),
+              ("throughput", [("tokens/s", train, "tokens_per_s")], "tokens/s")]
+    written = []
+    for name, series, ylabel in panels:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, rows, key in series:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=label, marker="o" if label == "val" else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

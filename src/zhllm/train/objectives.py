@@ -1,0 +1,63 @@
+"""Objectives: what a training step minimises. One per stage; the loop (trainer.py) is shared.
+
+A stage is (objective, dataset, default recipe): pretraining is `CausalLM` on packed token windows; SFT
+will be `CausalLM` with a loss mask on chat examples; DPO and reward modelling add their own objective
+classes here. The trainer only needs `weight(batch)` and `loss(model, batch)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor   # summed over the batch's `weight` units (tokens for LM losses)
+    weight: float            # how many units loss_sum covers; the trainer normalises by the global total
+
+
+class Objective(Protocol):
+    name: str
+
+    def weight(self, batch: torch.Tensor) -> float:
+        """Units the batch contributes (known before the forward pass, so the global normaliser is too)."""
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> LossOutput: ...
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed next-token cross-entropy, computed in fp32 whatever the logits' dtype.
+
+    bf16 logits lose ~3 significant digits, which shows up as a noisy loss when the softmax is taken
+    in bf16; upcasting the (B*T, vocab) logits costs little next to the lm_head matmul that made them.
+    """
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction="sum")
+
+
+class CausalLM:
+    """Next-token prediction on packed windows of seq_len+1 tokens (inputs = [:-1], targets = [1:])."""
+
+    name = "causal_lm"
+
+    def weight(self, batch: torch.Tensor) -> float:
+        return float(batch.shape[0] * (batch.shape[1] - 1))
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> LossOutput:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs)
+        return LossOutput(token_cross_entropy_sum(logits, targets), self.weight(batch))
+
+
+@dataclass
+class Stage:
+    """A training stage: its objective, how it opens its data, and its packaged recipes' folder."""
+    name: str
+    objective: Callable[[], Objective]
+    recipes: str  # folder under configs/
+
+
+STAGES = {"pretrain": Stage("pretrain", CausalLM, "pretrain")}

@@ -1,0 +1,166 @@
+"""Distributed setup and everything applied to the model from the outside (rule 1).
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. gloo on CPU, nccl on CUDA.
+DDP (optionally with the PowerSGD comm hook, ZeRO-1 via ZeroRedundancyOptimizer) or FSDP2 (`fully_shard`
+per decoder layer, then the root, with a MixedPrecisionPolicy). Activation checkpointing and torch.compile
+wrap each decoder layer's forward, so parameter names (and so checkpoints) are unchanged.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ZhllmError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ZhllmError("train.device is cuda but no CUDA device is available")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(requested_device: str = "auto") -> Dist:
+    """Join the torchrun process group if launched by torchrun, else a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return Dist(rank, world, local_rank, device)
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(d: Dist, values: list[float]) -> list[float]:
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_flag(d: Dist, flag: bool) -> bool:
+    """True on every rank if any rank raised the flag (e.g. received SIGTERM)."""
+    return bool(all_reduce_sum(d, [float(flag)])[0]) if d.enabled else flag
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    from torch.utils.checkpoint import checkpoint
+    for layer in model.model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    # Per layer (as torchtitan does): identical layers reuse one compiled graph, compile stays fast.
+    for layer in model.model.layers:
+        layer.compile()
+
+
+def wrap_model(model: nn.Module, d: Dist, parallel: str, precision: str, powersgd: bool = False) -> nn.Module:
+    """The module to call in the training step (DDP/FSDP wrapped, or the model itself)."""
+    if parallel == "none":
+        if d.enabled:
+            raise ZhllmError(f"launched with {d.world} processes but train.parallel is none; set ddp or fsdp")
+        return model
+    if not d.enabled:
+        return model  # ddp/fsdp recipes also run as a single process
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        if powersgd:
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+            state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=10)
+            ddp.register_comm_hook(state, psgd.powerSGD_hook)
+        return ddp
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    mp = MixedPrecisionPolicy(param_dtype=dtypes[precision], reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def no_sync(wrapped: nn.Module, last_micro_step: bool):
+    """DDP: skip the gradient all-reduce on non-final accumulation micro-steps."""
+    if not last_micro_step and hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2's equivalent
+        wrapped.set_requires_gradient_sync(last_micro_step)
+    return nullcontext()
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """Unsharded model weights on CPU (collective under FSDP: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer, d: Dist) -> dict:
+    """Unsharded optimizer state keyed by parameter name, so a checkpoint resumes on any number of
+    processes. Collective under DDP+ZeRO and FSDP: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+        return {"zero1": optimizer.state_dict() if d.is_main else {}}
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_full(model: nn.Module, optimizer, optim_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    if isinstance(optimizer, ZeroRedundancyOptimizer) or "zero1" in optim_sd:
+        if not (isinstance(optimizer, ZeroRedundancyOptimizer) and "zero1" in optim_sd):
+            raise ZhllmError("this checkpoint's optimizer state was saved with train.zero1="
+                             f"{'zero1' in optim_sd}; resume with the same setting")
+        optimizer.load_state_dict(optim_sd["zero1"])
+        return
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+@contextmanager
+def main_first(d: Dist):
+    """Rank 0 does the work (e.g. writing a checkpoint) while the others wait at a barrier."""
+    try:
+        yield
+    finally:
+        barrier(d)

@@ -1,0 +1,276 @@
+"""THE training loop, shared by every stage (rule 2): an objective, a dataset, a model and a RunConfig.
+
+Data order is a pure function of one global integer, `data_position` (windows consumed across all ranks):
+on micro-step m, rank r of world w with micro-batch b reads windows [p + (m*w + r)*b, ... + b). Resuming
+with a different number of processes, or with a different split between processes and accumulation, reads
+the same windows in the same steps, so resumed runs reproduce uninterrupted ones.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ..errors import ZhllmError
+from . import parallel as par
+from .config import RunConfig
+from .evaluate import evaluate_loss, greedy_samples
+from .metrics import MetricsLogger, flops_per_token, memory_gb, peak_flops, plot_run, train_line
+from .objectives import Objective
+from .optim import build_optimizer, lr_at, parameter_groups, set_lr
+from .state import (TrainerState, capture_rng, load_optimizer_state, load_trainer_state, restore_rng,
+                    save_checkpoint_atomic)
+
+FAIL_AT_STEP_ENV = "ZHLLM_FAIL_AT_STEP"  # test hook: os._exit(1) right after this step
+
+
+class NonFiniteError(ZhllmError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, objective: Objective, model: torch.nn.Module, train_data, val_data=None,
+                 tokenizer_dir: str | Path | None = None, resume_dir: Path | None = None,
+                 dist: par.Dist | None = None, echo=print):
+        self.cfg, self.objective, self.train_data, self.val_data = cfg, objective, train_data, val_data
+        self.tokenizer_dir = tokenizer_dir
+        self.d = dist or par.init_distributed(cfg.train.device)
+        self.echo = echo if self.d.is_main else (lambda *_: None)
+        self.run_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        t = cfg.train
+        self.model = model.to(self.d.device)  # fp32 master weights; bf16 comes from autocast / FSDP policy
+        self.model.train()
+        if t.activation_checkpointing:
+            par.apply_activation_checkpointing(self.model)
+        if t.compile:
+            par.apply_compile(self.model)
+        self.wrapped = par.wrap_model(self.model, self.d, t.parallel, t.precision, t.ddp_powersgd)
+        self.fsdp = par.is_fsdp(self.wrapped) and self.d.enabled
+        self.optimizer = self._build_optimizer()
+        self.autocast = self._autocast()
+        self.scaler = torch.amp.GradScaler(self.d.device.type) if t.precision == "fp16" else None
+        self.state = TrainerState()
+        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * self.d.world
+        self.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.max_tokens / self.tokens_per_step)
+        self.stop_requested = False
+        self.consecutive_nonfinite = 0
+        if resume_dir is not None:
+            self._resume(resume_dir)
+
+    # ---- setup ----
+    def _build_optimizer(self):
+        t = self.cfg.train
+        groups = parameter_groups(self.model, t.weight_decay)
+        if t.zero1 and self.d.enabled and t.parallel == "ddp":
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=t.lr,
+                                           betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
+        return build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), groups=groups)
+
+    def _autocast(self):
+        t = self.cfg.train
+        if t.precision == "fp32" or (self.fsdp and t.precision == "bf16"):
+            return nullcontext()  # FSDP's MixedPrecisionPolicy already computes in bf16
+        dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
+        return torch.autocast(self.d.device.type, dtype=dtype)
+
+    def _resume(self, ckpt: Path) -> None:
+        self.state = load_trainer_state(ckpt)
+        optim_sd = load_optimizer_state(ckpt)
+        par.load_optimizer_full(self.wrapped, self.optimizer, optim_sd)
+        restore_rng(self.state.rng)
+        self.echo(f"resumed from {ckpt} at step {self.state.step} (data position {self.state.data_position})")
+
+    # ---- one optimizer step ----
+    def _micro_batches(self) -> list[torch.Tensor]:
+        b, w, r = self.cfg.train.batch_size, self.d.world, self.d.rank
+        p = self.state.data_position
+        return [self.train_data.batch(p + (m * w + r) * b, b) for m in range(self.cfg.train.grad_accum)]
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        batches = [x.to(self.d.device, non_blocking=True) for x in self._micro_batches()]
+        t_data = time.perf_counter() - t0
+        # Normalise by the global number of loss units so the gradient is a true mean over the step,
+        # whatever the split into ranks and micro-batches (and for masked losses of uneven length).
+        local_weight = sum(self.objective.weight(x) for x in batches)
+        global_weight = par.all_reduce_sum(self.d, [local_weight])[0]
+        scale = self.d.world / global_weight  # DDP/FSDP average gradients over ranks
+        loss_total = torch.zeros((), device=self.d.device, dtype=torch.float32)
+        for m, batch in enumerate(batches):
+            with par.no_sync(self.wrapped, m == len(batches) - 1), self.autocast:
+                out = self.objective.loss(self.wrapped, batch)
+            loss = out.loss_sum * scale
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_total += out.loss_sum.detach().float()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss_value = par.all_reduce_sum(self.d, [float(loss_total)])[0] / global_weight
+        grad_norm = float(grad_norm)
+        lr = lr_at(self.state.step, lr=t.lr, total_steps=self.max_steps, warmup_steps=t.warmup_steps,
+                   schedule=t.schedule, min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
+        finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler is not None)
+        if finite:
+            set_lr(self.optimizer, lr)
+            if self.scaler:
+                self.scaler.step(self.optimizer)  # skips the update itself on inf/nan fp16 gradients
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.consecutive_nonfinite = 0
+        else:
+            self.state.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+            self.echo(f"step {self.state.step + 1}: non-finite loss {loss_value} / grad norm {grad_norm}, step skipped "
+                      f"({self.consecutive_nonfinite} in a row)")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.consecutive_nonfinite >= t.max_nonfinite:
+            raise NonFiniteError(f"{self.consecutive_nonfinite} non-finite steps in a row at step {self.state.step + 1} "
+                                 "(loss or gradients are inf/nan); lower train.lr, raise train.warmup_steps or use bf16/fp32")
+        self.state.step += 1
+        self.state.data_position += t.grad_accum * self.d.world * t.batch_size
+        self.state.tokens_seen += self.tokens_per_step
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "data_s": t_data,
+                "step_s": time.perf_counter() - t0, "finite": finite}
+
+    # ---- periodic work ----
+    def evaluate(self) -> dict:
+        ev = self.cfg.eval
+        result = {}
+        if self.val_data is not None:
+            result = evaluate_loss(self.wrapped, self.objective, self.val_data, self.cfg.train.batch_size,
+                                   ev.batches, self.d, self.autocast, getattr(self.train_data, "bytes_per_token", None))
+            self.state.val_loss = result["val_loss"]
+            if self.state.best_val_loss is None or result["val_loss"] < self.state.best_val_loss:
+                self.state.best_val_loss = result["val_loss"]
+        if ev.prompts and self.tokenizer_dir is not None:
+            from ..tokenizer.load import load_tokenizer
+            result["samples"] = greedy_samples(self.model, load_tokenizer(self.tokenizer_dir), ev.prompts,
+                                               ev.max_new_tokens, self.autocast)
+        return result
+
+    def save_checkpoint(self) -> Path | None:
+        """Collective: gathers full state on every rank, rank 0 writes, all wait at a barrier."""
+        optim_sd = par.full_optimizer_state(self.wrapped, self.optimizer, self.d)
+        model_sd = par.full_model_state(self.wrapped) if self.fsdp else None
+        path = None
+        if self.d.is_main:
+            source = self.model if model_sd is None else _model_from_state(self.model.config, model_sd)
+            if not all(torch.isfinite(p).all() for p in source.state_dict().values()):
+                self.echo(f"step {self.state.step}: weights are not finite, checkpoint NOT written")
+            else:
+                self.state.rng = capture_rng()
+                path = save_checkpoint_atomic(self.ckpt_root, self.state, source, optim_sd, self.tokenizer_dir,
+                                              self.cfg.checkpoint.keep)
+        par.barrier(self.d)
+        return path
+
+    # ---- the loop ----
+    def fit(self) -> dict:
+        cfg, st = self.cfg, self.state
+        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, self.echo) if self.d.is_main else None
+        fpt = flops_per_token(self.model.config, cfg.train.seq_len)
+        peak = peak_flops(self.d.device, cfg.train.precision) if self.d.is_main else None
+        fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = _progress(cfg.log.progress and self.d.is_main, self.max_steps, st.step)
+        if bar is not None:
+            logger.echo = bar.write
+        window = {"tokens": 0, "time": 0.0, "data": 0.0}
+        saved_at = st.step if st.step else None
+        t_start = time.perf_counter()
+        try:
+            while st.step < self.max_steps:
+                r = self.train_step()
+                window["tokens"] += self.tokens_per_step
+                window["time"] += r["step_s"]
+                window["data"] += r["data_s"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{r['loss']:.3f}")
+                if logger and (st.step % cfg.log.every == 0 or st.step == 1 or st.step == self.max_steps):
+                    tps = window["tokens"] / max(window["time"], 1e-9)
+                    rec = {"kind": "train", "step": st.step, "max_steps": self.max_steps, "loss": r["loss"],
+                           "lr": r["lr"], "grad_norm": r["grad_norm"], "tokens_per_s": tps,
+                           "mfu": tps * fpt / (peak * self.d.world) if peak else None,
+                           "data_share": window["data"] / max(window["time"], 1e-9),
+                           "memory_gb": memory_gb(self.d.device), "tokens_seen": st.tokens_seen,
+                           "skipped_steps": st.skipped_steps,
+                           "eta_s": (self.max_steps - st.step) * window["time"] / max(window["tokens"] / self.tokens_per_step, 1)}
+                    logger.log(rec, train_line(rec))
+                    window = {"tokens": 0, "time": 0.0, "data": 0.0}
+                last = st.step == self.max_steps
+                if cfg.eval.every and (st.step % cfg.eval.every == 0 or last):
+                    ev = self.evaluate()
+                    if logger and ev:
+                        logger.log({"kind": "eval", "step": st.step, **ev}, _eval_line(st.step, ev))
+                stop = par.broadcast_flag(self.d, self.stop_requested)
+                if (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0) or last or stop:
+                    self.save_checkpoint()
+                    saved_at = st.step
+                if fail_at and st.step == fail_at:
+                    os._exit(1)
+                if stop:
+                    self.echo(f"stop requested: checkpoint saved at step {st.step}; resume with --resume auto")
+                    break
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            if logger:
+                logger.close()
+        if self.d.is_main:
+            try:
+                plot_run(self.run_dir)
+            except ZhllmError:
+                pass
+        return {"step": st.step, "max_steps": self.max_steps, "tokens_seen": st.tokens_seen,
+                "val_loss": st.val_loss, "best_val_loss": st.best_val_loss, "skipped_steps": st.skipped_steps,
+                "seconds": time.perf_counter() - t_start, "last_checkpoint_step": saved_at,
+                "stopped_early": st.step < self.max_steps}
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.stop_requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.echo(f"received {signal.Signals(signum).name}: saving a checkpoint after this step")
+
+
+def _eval_line(step: int, ev: dict) -> str:
+    parts = [f"eval step {step}"]
+    if "val_loss" in ev:
+        parts.append(f"val_loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}")
+    if "val_bpb" in ev:
+        parts.append(f"bpb {ev['val_bpb']:.4f}")
+    lines = [" ".join(parts)] + [f"  sample: {s}" for s in ev.get("samples", [])]
+    return "\n".join(lines)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False, disable=None)
+
+
+def _model_from_state(cfg, state: dict) -> torch.nn.Module:
+    """A plain Transformer holding gathered FSDP weights, for save_model (rank 0 only)."""
+    from ..model.transformer import Transformer, rope_frequencies
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    m.load_state_dict(state, assign=True, strict=False)
+    if cfg.tie_embeddings:
+        m.lm_head.weight = m.model.embed_tokens.weight
+    m.inv_freq = rope_frequencies(cfg)[0]
+    return m
