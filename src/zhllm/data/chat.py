@@ -135,16 +135,15 @@ def check_conversation(messages: list[Message]) -> list[Message]:
     """Validate turn order and contents; drops an empty system prompt and a trailing unanswered user turn."""
     msgs = [m for i, m in enumerate(messages) if not (i == 0 and m["role"] == "system" and not m["content"].strip())]
     body = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
-    if body and body[-1]["role"] == "user":
-        body = body[:-1]
-        msgs = msgs[:-1]
-    if not body:
-        raise BadRecord("no assistant turn")
     for i, m in enumerate(body):
         if m["role"] != ("user" if i % 2 == 0 else "assistant"):
             raise BadRecord("roles do not alternate")
         if not m["content"].strip():
             raise BadRecord(f"empty {m['role']} turn")
+    if len(body) % 2:  # nothing to learn from a question without its answer
+        msgs = msgs[:-1]
+    if len(body) < 2:
+        raise BadRecord("no assistant turn")
     return msgs
 
 
