@@ -7,9 +7,12 @@ punctuation runs and whitespace. Bytes are the base alphabet, so nothing is ever
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ZhllmError
 from ..fsutil import atomic_directory
 
 EOS = "<|endoftext|>"
@@ -44,6 +47,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, num_reserved: int = 13, min
     from tokenizers import Tokenizer, decoders, models, trainers
     from tokenizers.pre_tokenizers import ByteLevel
 
+    smallest = 256 + len(special_tokens(num_reserved))
+    if vocab_size <= smallest:
+        raise ZhllmError(f"vocab size {vocab_size} is too small: the 256 bytes and "
+                         f"{len(special_tokens(num_reserved))} special tokens alone need {smallest}")
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = byte_level_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
@@ -54,11 +62,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, num_reserved: int = 13, min
     return tok
 
 
-def wrap_hf(tok, model_max_length: int = 32768):
+def wrap_hf(tok, model_max_length: int = 32768, unk_token: str | None = None):
     """A `PreTrainedTokenizerFast` with ChatML template and EOS/pad set: what AutoTokenizer will load."""
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=None,
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=unk_token,
                                  bos_token=None, model_max_length=model_max_length, clean_up_tokenization_spaces=False)
     hf.chat_template = CHATML_TEMPLATE
     hf.add_special_tokens({"additional_special_tokens": [t for t in special_tokens(0) if t != EOS]})
@@ -87,3 +95,64 @@ def train_tokenizer_from_texts(texts: Iterable[str], vocab_size: int, out_dir: s
     """Train and save; the directory loads with `AutoTokenizer.from_pretrained(out_dir)`."""
     tok = train_bpe(texts, vocab_size, num_reserved=num_reserved, show_progress=show_progress)
     return save_hf_tokenizer(wrap_hf(tok), out_dir)
+
+
+BACKENDS = ("bpe", "sentencepiece")
+
+
+@dataclass
+class TrainReport:
+    out_dir: Path
+    backend: str
+    vocab_size: int
+    docs_seen: int
+    chars_seen: int
+    chars_trained: int
+    heldout_chars: int
+    heldout_chars_per_token: float
+    seconds: float
+
+    def table(self) -> str:
+        rows = [("output", str(self.out_dir)), ("backend", self.backend), ("vocab size", f"{self.vocab_size:,}"),
+                ("input docs / chars", f"{self.docs_seen:,} / {self.chars_seen:,}"),
+                ("chars trained on", f"{self.chars_trained:,}"),
+                ("held-out chars/token", f"{self.heldout_chars_per_token:.3f} (on {self.heldout_chars:,} chars)"),
+                ("time", f"{self.seconds:.1f} s")]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max_chars: int = 100_000_000,
+                    field: str | None = None, backend: str = "bpe", num_reserved: int = 13, seed: int = 0,
+                    show_progress: bool = True) -> TrainReport:
+    """`zhllm tokenizer train`: stream `inputs`, sample at most `max_chars`, train, save an HF directory."""
+    from .encode import encode_batch_texts
+    from .sample import sample_texts
+    from .spm import sentencepiece_to_tokenizers, train_sentencepiece_model
+
+    if backend not in BACKENDS:
+        raise ZhllmError(f"unknown tokenizer backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if max_chars <= 0:
+        raise ZhllmError(f"--max-chars must be positive, got {max_chars}")
+    start = time.perf_counter()
+    sample = sample_texts(read_texts(inputs, field), max_chars, seed=seed, progress=show_progress)
+    if not sample.texts:
+        raise ZhllmError(f"no text to train on in {', '.join(map(str, inputs))}")
+    if backend == "bpe":
+        tok, unk = train_bpe(sample.texts, vocab_size, num_reserved=num_reserved, show_progress=show_progress), None
+    else:
+        proto = train_sentencepiece_model(sample.texts, vocab_size, num_reserved=num_reserved)
+        tok, unk = sentencepiece_to_tokenizers(proto), "<unk>"
+    hf = wrap_hf(tok, unk_token=unk)
+    save_hf_tokenizer(hf, out_dir)
+    heldout = sample.heldout or sample.texts[:100]
+    n_tokens = sum(map(len, encode_batch_texts(tok, heldout)))
+    held_chars = sum(map(len, heldout))
+    return TrainReport(Path(out_dir), backend, len(hf), sample.seen_docs, sample.seen_chars, sample.chars,
+                       held_chars, held_chars / max(n_tokens, 1), time.perf_counter() - start)
+
+
+def read_texts(inputs: list[str], field: str | None = None) -> Iterator[str]:
+    """Texts from files/directories/globs via the shared readers (bad records are counted and skipped)."""
+    from ..data.readers import iter_texts
+    return iter_texts(inputs, field=field)

@@ -1,0 +1,83 @@
+"""SentencePiece BPE backend, saved as a plain `tokenizers` JSON so AutoTokenizer loads it without custom code.
+
+SentencePiece is trained with byte fallback (nothing is unknown), single digits, 99.95% character coverage
+and *identity* normalisation with whitespace kept, so decoding gives back exactly the input text (the
+default NFKC rule would turn full-width `！` into `!`). Our special tokens are its first control symbols,
+so ids 0, 1, 2 mean the same as in the byte-level backend.
+
+Conversion: a BPE model whose vocabulary is the piece list and whose merges are every split of a piece into
+two pieces, ranked by the piece's id (the order SentencePiece learnt them) - the construction transformers
+uses for LLaMA's fast tokenizer. Spaces become `▁` and start a new word, as in SentencePiece.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator
+
+from ..errors import ZhllmError
+from .sample import chunk_text
+from .train import special_tokens
+
+UNK = "<unk>"
+# SentencePiece skips longer sentences silently; we cut instead, at line breaks.
+MAX_SENTENCE_CHARS = 8192
+
+
+def _sentences(texts: Iterable[str]) -> Iterator[str]:
+    # Newlines stay inside sentences, so the vocabulary learns them (e.g. `。\n`) like any character.
+    for text in texts:
+        yield from chunk_text(text, MAX_SENTENCE_CHARS)
+
+
+def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, num_reserved: int = 13,
+                              character_coverage: float = 0.9995, num_threads: int = 1) -> bytes:
+    """Train a SentencePiece BPE model; returns the serialized model proto."""
+    import sentencepiece as spm
+
+    specials = special_tokens(num_reserved)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, split_digits=True, character_coverage=character_coverage,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, control_symbols=specials, unk_id=len(specials), unk_piece=UNK,
+            bos_id=-1, eos_id=-1, pad_id=-1, max_sentence_length=4 * MAX_SENTENCE_CHARS,
+            num_threads=num_threads, minloglevel=2)
+    except RuntimeError as e:
+        msg = str(e).splitlines()[-1]
+        raise ZhllmError(f"sentencepiece training failed: {msg.split('] ')[-1]}") from None
+    return model.getvalue()
+
+
+def sentencepiece_to_tokenizers(model_proto: bytes):
+    """A `tokenizers.Tokenizer` (BPE with byte fallback) that encodes like the SentencePiece BPE model."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    if sp.get_piece_size() == 0:
+        raise ZhllmError("empty sentencepiece model")
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    mergeable = [i for i in range(len(pieces)) if not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i))]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_pieces(pieces, vocab, mergeable),
+                               unk_token=pieces[sp.unk_id()], byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
+                            for i in range(len(pieces)) if sp.is_control(i)])
+    return tok
+
+
+def _merges_from_pieces(pieces: list[str], vocab: dict[str, int], mergeable: list[int]) -> list[tuple[str, str]]:
+    """Every (left, right) with left+right a piece, ranked by (id of the result, id of left)."""
+    ranked = []
+    for i in mergeable:
+        piece = pieces[i]
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((i, vocab[left], left, right))
+    ranked.sort()
+    return [(left, right) for _, _, left, right in ranked]
