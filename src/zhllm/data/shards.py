@@ -102,7 +102,14 @@ class ShardWriter:
         return {"name": self.name, "split": self.name.split("-", 1)[0], "tokens": self.tokens,
                 "documents": self.documents, "bytes": self.bytes}
 
+    @property
+    def is_open(self) -> bool:
+        return not self._bin.closed
+
     def abort(self) -> None:
+        """Drop the temporaries (a no-op once closed or aborted)."""
+        if not self.is_open:
+            return
         for fh in (self._bin, self._idx):
             fh.close()
         for tmp in self._tmp.values():
