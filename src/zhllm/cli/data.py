@@ -1,5 +1,40 @@
-"""Parsers for this area's commands; see cli/__init__.py."""
+"""Parsers for `zhllm data ...` commands owned by the data-cleaning area; see cli/__init__.py."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """--input/--field/--strict/--txt-mode: how every data command reads a corpus (data/readers.py)."""
+    p.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
+                   help="files, directories (recursive) or globs: .jsonl .json .parquet .csv .txt, each optionally .gz")
+    p.add_argument("--field", default=None,
+                   help="record field holding the text (default: text, else content, completion, ...)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first bad record (naming file:line) instead of counting and skipping it")
+    p.add_argument("--txt-mode", choices=["line", "paragraph"], default="line",
+                   help=".txt files: one document per line, or per blank-line separated paragraph (default: line)")
 
 
 def register(root, groups) -> None:
-    pass
+    p = groups["data"].add_parser(
+        "clean", help="normalise, filter and deduplicate a corpus into jsonl.gz shards",
+        description="Normalise (NFKC keeping Chinese punctuation, optional traditional->simplified), drop "
+                    "low-quality documents, remove exact and MinHash near duplicates. Writes "
+                    "OUT/part-*.jsonl.gz and OUT/report.json and prints a summary table.")
+    add_input_arguments(p)
+    p.add_argument("--out", "-o", required=True, help="output directory (replaced atomically when done)")
+    p.add_argument("--config", default=None, help="YAML file of CleanConfig settings (e.g. configs/clean/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set t2s=true --set quality.min_chars=50 --set dedup.threshold=0.7")
+    p.add_argument("--workers", type=int, default=1, help="processes for normalisation, filters and MinHash (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_clean)
+
+
+def _clean(args) -> None:
+    from ..data.clean import clean_corpus, format_clean_report, load_clean_config
+    cfg = load_clean_config(args.config, args.overrides)
+    report = clean_corpus(args.input, args.out, cfg, field=args.field, strict=args.strict,
+                          txt_mode=args.txt_mode, workers=args.workers, progress=not args.no_progress)
+    print(format_clean_report(report))
