@@ -1,5 +1,56 @@
-"""Parsers for this area's commands; see cli/__init__.py."""
+"""Parsers for `zhllm tokenizer train|extend|eval`; see cli/__init__.py."""
+from __future__ import annotations
+
+
+def _input_args(p) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="corpus files, directories or globs (jsonl, json, parquet, csv, txt, optionally .gz)")
+    p.add_argument("--field", default=None, help="text field of each record (default: text, with fallbacks)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document sample (default 0)")
 
 
 def register(root, groups) -> None:
-    pass
+    from ..tokenizer.commands import eval_command, extend_command, train_command
+
+    sub = groups["tokenizer"]
+    p = sub.add_parser("train", help="train a byte-level BPE (or SentencePiece) tokenizer on a corpus",
+                       description="Stream the corpus, sample up to --max-chars characters spread over all of it, "
+                                   "train, and write a directory that AutoTokenizer.from_pretrained loads.")
+    _input_args(p)
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including special tokens")
+    p.add_argument("--out", required=True, help="output tokenizer directory")
+    p.add_argument("--max-chars", type=int, default=100_000_000,
+                   help="characters sampled for training; bounds memory (default 100M)")
+    p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe",
+                   help="bpe: byte-level BPE with `tokenizers` (default); sentencepiece: SentencePiece BPE "
+                        "with byte fallback, saved in the same HF format")
+    p.add_argument("--num-reserved", type=int, default=13,
+                   help="reserved special-token slots after <|endoftext|>, <|im_start|>, <|im_end|> (default 13)")
+    p.set_defaults(func=lambda a: train_command(a.input, a.out, a.vocab_size, a.max_chars, a.field, a.backend,
+                                                a.num_reserved, a.seed, a.strict))
+
+    p = sub.add_parser("extend", help="add vocabulary learnt on a corpus to an existing tokenizer",
+                       description="Learn up to --add new BPE merges on the corpus and append them to the base "
+                                   "tokenizer (old ids unchanged). With --model, also grow a checkpoint's "
+                                   "embeddings, each new row the mean of the old pieces it replaces.")
+    p.add_argument("--base", required=True, help="tokenizer directory to extend (an HF BPE tokenizer)")
+    _input_args(p)
+    p.add_argument("--add", type=int, required=True, help="number of new tokens")
+    p.add_argument("--out", required=True, help="output tokenizer directory")
+    p.add_argument("--max-chars", type=int, default=20_000_000,
+                   help="characters sampled to learn the new tokens (default 20M)")
+    p.add_argument("--model", default=None, help="checkpoint using the base tokenizer, to resize")
+    p.add_argument("--model-out", default=None, help="where to write the resized checkpoint")
+    p.set_defaults(func=lambda a: extend_command(a.base, a.input, a.add, a.out, a.max_chars, a.field, a.seed,
+                                                 a.strict, a.model, a.model_out))
+
+    p = sub.add_parser("eval", help="chars/token, bytes/token and byte-fallback rate on a held-out file",
+                       description="Encode the same documents with each tokenizer and print a markdown table. "
+                                   "Accepts HF tokenizer directories and SentencePiece .model files.")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (or SentencePiece .model)")
+    p.add_argument("--input", required=True, help="held-out corpus file")
+    p.add_argument("--compare", nargs="*", default=[], metavar="DIR", help="more tokenizers to compare")
+    p.add_argument("--field", default=None, help="text field of each record (default: text, with fallbacks)")
+    p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    p.set_defaults(func=lambda a: eval_command(a.tokenizer, a.input, a.compare, a.field, a.max_docs))

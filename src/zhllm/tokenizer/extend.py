@@ -54,13 +54,15 @@ class ExtendReport:
 
 def extend_tokenizer(base_dir: str | Path, inputs: list[str], add: int, out_dir: str | Path,
                      max_chars: int = 20_000_000, field: str | None = None, seed: int = 0,
-                     show_progress: bool = True) -> ExtendReport:
+                     strict: bool = False, show_progress: bool = True) -> ExtendReport:
     """`zhllm tokenizer extend`: learn up to `add` new tokens on `inputs` and save the extended tokenizer."""
     if add <= 0:
         raise ZhllmError(f"--add must be positive, got {add}")
     start = time.perf_counter()
     base = load_tokenizer(base_dir)
-    sample = sample_texts(read_texts(inputs, field), max_chars, seed=seed, progress=show_progress)
+    if max_chars <= 0:
+        raise ZhllmError(f"--max-chars must be positive, got {max_chars}")
+    sample = sample_texts(read_texts(inputs, field, strict), max_chars, seed=seed, progress=show_progress)
     if not sample.texts:
         raise ZhllmError(f"no text to learn from in {', '.join(map(str, inputs))}")
     new_backend, new_tokens = add_merges(base.backend_tokenizer, sample.texts, add, show_progress)

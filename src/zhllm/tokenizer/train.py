@@ -111,10 +111,12 @@ class TrainReport:
     heldout_chars: int
     heldout_chars_per_token: float
     seconds: float
+    read_summary: str = ""
 
     def table(self) -> str:
         rows = [("output", str(self.out_dir)), ("backend", self.backend), ("vocab size", f"{self.vocab_size:,}"),
-                ("input docs / chars", f"{self.docs_seen:,} / {self.chars_seen:,}"),
+                ("input", self.read_summary),
+                ("input chars", f"{self.chars_seen:,}"),
                 ("chars trained on", f"{self.chars_trained:,}"),
                 ("held-out chars/token", f"{self.heldout_chars_per_token:.3f} (on {self.heldout_chars:,} chars)"),
                 ("time", f"{self.seconds:.1f} s")]
@@ -124,8 +126,9 @@ class TrainReport:
 
 def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max_chars: int = 100_000_000,
                     field: str | None = None, backend: str = "bpe", num_reserved: int = 13, seed: int = 0,
-                    show_progress: bool = True) -> TrainReport:
+                    strict: bool = False, show_progress: bool = True) -> TrainReport:
     """`zhllm tokenizer train`: stream `inputs`, sample at most `max_chars`, train, save an HF directory."""
+    from ..data.readers import ReadStats
     from .encode import encode_batch_texts
     from .sample import sample_texts
     from .spm import sentencepiece_to_tokenizers, train_sentencepiece_model
@@ -134,8 +137,10 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
         raise ZhllmError(f"unknown tokenizer backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if max_chars <= 0:
         raise ZhllmError(f"--max-chars must be positive, got {max_chars}")
-    start = time.perf_counter()
-    sample = sample_texts(read_texts(inputs, field), max_chars, seed=seed, progress=show_progress)
+    if num_reserved < 0:
+        raise ZhllmError(f"--num-reserved must be >= 0, got {num_reserved}")
+    start, stats = time.perf_counter(), ReadStats()
+    sample = sample_texts(read_texts(inputs, field, strict, stats), max_chars, seed=seed, progress=show_progress)
     if not sample.texts:
         raise ZhllmError(f"no text to train on in {', '.join(map(str, inputs))}")
     if backend == "bpe":
@@ -149,10 +154,11 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
     n_tokens = sum(map(len, encode_batch_texts(tok, heldout)))
     held_chars = sum(map(len, heldout))
     return TrainReport(Path(out_dir), backend, len(hf), sample.seen_docs, sample.seen_chars, sample.chars,
-                       held_chars, held_chars / max(n_tokens, 1), time.perf_counter() - start)
+                       held_chars, held_chars / max(n_tokens, 1), time.perf_counter() - start, stats.summary())
 
 
-def read_texts(inputs: list[str], field: str | None = None) -> Iterator[str]:
-    """Texts from files/directories/globs via the shared readers (bad records are counted and skipped)."""
+def read_texts(inputs: list[str], field: str | None = None, strict: bool = False, stats=None) -> Iterator[str]:
+    """Texts from files/directories/globs via the shared readers (bad records are counted in `stats`
+    and skipped, or stop the run under `strict`)."""
     from ..data.readers import iter_texts
-    return iter_texts(inputs, field=field)
+    return iter_texts(list(inputs), field=field, strict=strict, stats=stats)
