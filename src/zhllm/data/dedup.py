@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from ..errors import ConfigError
+from .ngrams import char_ngram_hashes, fold32
 
 _WHITESPACE_RE = re.compile(r"\s+")
 
@@ -39,27 +41,27 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(compact.encode("utf-8"), digest_size=8).digest()
 
 
-def shingles(text: str, size: int) -> set[bytes]:
+def shingle_hashes(text: str, size: int) -> list[int]:
+    """Distinct 32-bit hashes of the text's character shingles (whitespace removed)."""
     compact = _WHITESPACE_RE.sub("", text)
-    if len(compact) <= size:
-        return {compact.encode("utf-8")}
-    return {compact[i:i + size].encode("utf-8") for i in range(len(compact) - size + 1)}
+    return np.unique(fold32(char_ngram_hashes(compact, size))).tolist()
 
 
 @lru_cache(maxsize=4)
 def _template(num_perm: int, seed: int):
     """One MinHash to copy permutations from: building them costs more than hashing a short document."""
     from datasketch import MinHash
-    return MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32)
+    return MinHash(num_perm=num_perm, seed=seed, hashfunc=int)
 
 
 def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:
-    """MinHash hash values of the text's character shingles (crc32: stable across runs and fast)."""
+    """MinHash hash values of the text's character shingles. The shingles are already hashed (ngrams.py,
+    stable across runs), so datasketch's hash function is the identity."""
     from datasketch import MinHash
     template = _template(cfg.num_perm, cfg.seed)
-    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, hashfunc=zlib.crc32,
+    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, hashfunc=int,
                 permutations=template.permutations, scheme=template.scheme)
-    m.update_batch(shingles(text, cfg.shingle_size))
+    m.update_batch(shingle_hashes(text, cfg.shingle_size))
     return m.hashvalues
 
 
@@ -69,8 +71,9 @@ class Deduplicator:
     def __init__(self, cfg: DedupConfig):
         from datasketch import MinHashLSH
         if not 0 < cfg.threshold < 1:
-            from ..errors import ConfigError
             raise ConfigError(f"dedup.threshold must be between 0 and 1, got {cfg.threshold}")
+        if cfg.num_perm < 2 or cfg.shingle_size < 1:
+            raise ConfigError("dedup.num_perm must be at least 2 and dedup.shingle_size at least 1")
         self.cfg = cfg
         self.seen: set[bytes] = set()
         self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None

@@ -8,8 +8,11 @@ Chinese has no spaces to count words by.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
+
+from .ngrams import char_ngram_hashes
 
 _CJK_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 _WHITESPACE_RE = re.compile(r"\s+")
@@ -65,13 +68,10 @@ def char_run_ratio(compact: str) -> float:
 
 def dup_ngram_ratio(compact: str, n: int) -> float:
     """Share of character n-grams that occur more than once (copy-pasted sentences, keyword stuffing)."""
-    total = len(compact) - n + 1
-    if total <= 1:
+    if len(compact) - n + 1 <= 1:
         return 0.0
-    counts = Counter(compact[i:i + n] for i in range(total))
-    if len(counts) == total:  # fast path: no repeats at all, the common case for real prose
-        return 0.0
-    return sum(c for c in counts.values() if c > 1) / total
+    _, counts = np.unique(char_ngram_hashes(compact, n), return_counts=True)
+    return float(counts[counts > 1].sum()) / counts.sum()
 
 
 def quality_reason(text: str, t: QualityThresholds) -> str | None:
