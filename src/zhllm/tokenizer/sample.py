@@ -76,12 +76,15 @@ def sample_texts(texts: Iterable[str], max_chars: int, seed: int = 0,
     if heldout_chars is None:
         heldout_chars = min(max_chars // 50, 1_000_000)
     train, heldout = _BudgetReservoir(max_chars), _BudgetReservoir(heldout_chars)
+    chunk_size = max(1, min(CHUNK_CHARS, max_chars // 10))  # a small budget still holds many chunks
     docs = chars = pos = 0
-    bar = _progress(progress)
+    bar = None
     for text in texts:
+        if bar is None and progress:  # opened late, so an input error is not preceded by an empty bar
+            bar = _progress()
         docs += 1
         chars += len(text)
-        for chunk in chunk_text(text):
+        for chunk in chunk_text(text, chunk_size):
             key = _key(seed, pos)
             # the held-out choice uses a different bit of the key space than the ranking does
             (heldout if int(key * 2**32) % HELDOUT_EVERY == 0 else train).offer(key, pos, chunk)
@@ -93,8 +96,6 @@ def sample_texts(texts: Iterable[str], max_chars: int, seed: int = 0,
     return TextSample(train.texts(), heldout.texts(), seen_docs=docs, seen_chars=chars)
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
+def _progress():
     from tqdm import tqdm
     return tqdm(desc="sampling", unit="char", unit_scale=True, mininterval=1.0)

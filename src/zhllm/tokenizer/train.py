@@ -160,5 +160,6 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
 def read_texts(inputs: list[str], field: str | None = None, strict: bool = False, stats=None) -> Iterator[str]:
     """Texts from files/directories/globs via the shared readers (bad records are counted in `stats`
     and skipped, or stop the run under `strict`)."""
-    from ..data.readers import iter_texts
-    return iter_texts(list(inputs), field=field, strict=strict, stats=stats)
+    from ..data.readers import expand_inputs, iter_texts
+    paths = expand_inputs(list(inputs))  # now, so a wrong path fails before any work starts
+    return iter_texts(paths, field=field, strict=strict, stats=stats)
