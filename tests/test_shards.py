@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from zhllm.cli import main
-from zhllm.data.shards import (MIX_BLOCK, PackedTokenDataset, ShardDirectory, ShardWriter, build_meta,
-                               token_dtype, write_meta)
+from zhllm.data.shards import PackedTokenDataset, ShardDirectory, ShardWriter, build_meta, token_dtype, write_meta
+from zhllm.data.window_order import MIX_BLOCK
 from zhllm.errors import ZhllmError
 
 EOS = 0

@@ -26,13 +26,13 @@ import numpy as np
 
 from ..errors import ZhllmError
 from ..fsutil import atomic_write_text
+from .window_order import EpochOrder, MixSchedule
 
 FORMAT = "zhllm-token-shards"
 VERSION = 1
 META_FILE = "meta.json"
 TOKENIZER_SUBDIR = "tokenizer"
 SPLITS = ("train", "val")
-MIX_BLOCK = 4096  # windows per mixing block: weights are honoured exactly at this granularity
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -251,60 +251,17 @@ class _TokenStream:
 
 
 class _WindowSource:
-    """Windows of one token stream, each epoch in its own seeded permutation."""
+    """Windows of one token stream, visited in a seeded order that changes every epoch."""
 
     def __init__(self, stream: _TokenStream, seq_len: int, seed: tuple, shuffle: bool):
-        self.stream, self.seq_len, self.seed, self.shuffle = stream, seq_len, seed, shuffle
+        self.stream, self.seq_len = stream, seq_len
         self.num_windows = (len(stream) - 1) // seq_len
-        self._orders: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) >= 2:  # ranks straddle at most one epoch boundary
-                self._orders.pop(min(self._orders))
-            rng = np.random.default_rng([*self.seed, epoch])
-            self._orders[epoch] = rng.permutation(self.num_windows)
-        return self._orders[epoch]
+        self.order = EpochOrder(self.num_windows, seed, shuffle)
 
     def window(self, k: int) -> np.ndarray:
         """The k-th window this source yields, counting across its own epochs."""
-        epoch, j = divmod(k, self.num_windows)
-        if self.shuffle:
-            j = int(self._order(epoch)[j])
+        j = self.order.window_at(k)
         return self.stream.read(j * self.seq_len, self.seq_len + 1)
-
-
-class _MixSchedule:
-    """Global index -> (source, k-th window of that source), a pure function of (seed, index).
-
-    Every block of MIX_BLOCK indices holds a fixed quota per source (weights apportioned by largest
-    remainder) in a seeded shuffled order, so the k-th use of a source is known without counting from 0.
-    """
-
-    def __init__(self, weights: Sequence[float], seed: int):
-        w = np.asarray(weights, dtype=np.float64)
-        ideal = w / w.sum() * MIX_BLOCK
-        quotas = np.floor(ideal).astype(np.int64)
-        rest = MIX_BLOCK - int(quotas.sum())
-        quotas[np.argsort(-(ideal - quotas), kind="stable")[:rest]] += 1
-        if np.any((w > 0) & (quotas == 0)):
-            raise ZhllmError(f"a mixing weight is below 1/{MIX_BLOCK} of the total; raise it or drop the source")
-        self.quotas, self.seed = quotas, seed
-        self._block = (-1, None, None)
-
-    def locate(self, i: int) -> tuple[int, int]:
-        b, r = divmod(i, MIX_BLOCK)
-        if self._block[0] != b:
-            layout = np.random.default_rng([self.seed, 0x6D6978, b]).permutation(
-                np.repeat(np.arange(len(self.quotas)), self.quotas))
-            ordinal = np.empty(MIX_BLOCK, dtype=np.int64)
-            for s in range(len(self.quotas)):
-                where = np.flatnonzero(layout == s)
-                ordinal[where] = np.arange(len(where))
-            self._block = (b, layout, ordinal)
-        _, layout, ordinal = self._block
-        s = int(layout[r])
-        return s, b * int(self.quotas[s]) + int(ordinal[r])
 
 
 class PackedTokenDataset:
@@ -338,7 +295,7 @@ class PackedTokenDataset:
         else:
             weights = _check_weights(weights, len(paths))
             streams = [_TokenStream([d], split) for d in self.dirs]
-            self._schedule = _MixSchedule(weights, self.seed)
+            self._schedule = MixSchedule(weights, self.seed)
         self._sources = [_WindowSource(st, self.seq_len, (self.seed, n), shuffle) for n, st in enumerate(streams)]
         self._streams = streams
         for n, src in enumerate(self._sources):
