@@ -157,7 +157,7 @@ def _run(records: Iterator[tuple[str, str | None]], cfg: CleanConfig, workers: i
     dedup = Deduplicator(cfg.dedup)
     removed: Counter = Counter()
     counts = {"removed": removed, "changed": 0, "chars_in": 0, "chars_out": 0, "kept": 0}
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (cfg,)) if workers > 1 else None
+    pool = _pool_context().Pool(workers, _init_worker, (cfg,)) if workers > 1 else None
     _init_worker(cfg)
     try:
         batches = _batches(_count_chars(records, counts), _BATCH)
@@ -173,6 +173,13 @@ def _run(records: Iterator[tuple[str, str | None]], cfg: CleanConfig, workers: i
             pool.terminate()
             pool.join()
     return counts
+
+
+def _pool_context():
+    # fork where the OS has it: workers need no torch/datasketch re-import (`import zhllm` costs seconds),
+    # and the work here is pure Python/numpy, which forks safely.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def _bounded_imap(pool, batches: Iterator[list], max_pending: int) -> Iterator[list[Prepared]]:
