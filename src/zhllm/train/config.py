@@ -66,6 +66,7 @@ class LogSection:
     every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    plots: bool = True                 # write plots/*.png at the end of the run
 
 
 @dataclass

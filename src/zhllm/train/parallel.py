@@ -124,6 +124,14 @@ def no_sync(wrapped: nn.Module, last_micro_step: bool):
     return nullcontext()
 
 
+def reshard(model: nn.Module) -> None:
+    """After no-grad forwards (eval, samples) FSDP2's root keeps its unsharded parameters registered
+    (nothing runs a backward to reshard them); optimizer and checkpoint code expect the sharded ones."""
+    for m in model.modules():
+        if hasattr(m, "reshard") and hasattr(m, "set_requires_gradient_sync"):
+            m.reshard()
+
+
 def is_fsdp(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync")
 

@@ -157,6 +157,8 @@ class Trainer:
             from ..tokenizer.load import load_tokenizer
             result["samples"] = greedy_samples(self.model, load_tokenizer(self.tokenizer_dir), ev.prompts,
                                                ev.max_new_tokens, self.autocast)
+        if self.fsdp:
+            par.reshard(self.model)
         return result
 
     def save_checkpoint(self) -> Path | None:
@@ -230,7 +232,7 @@ class Trainer:
                 bar.close()
             if logger:
                 logger.close()
-        if self.d.is_main:
+        if self.d.is_main and cfg.log.plots:
             try:
                 plot_run(self.run_dir)
             except ZhllmError:

@@ -1,0 +1,82 @@
+"""Exact resume, crash-safe checkpoints and HF interop of `zhllm pretrain` (CPU, tiny model).
+
+Crashes need a real process to die (`os._exit`), so those runs are subprocesses; reference runs and
+resumes run in-process to keep the suite fast.
+"""
+import json
+
+import pytest
+import torch
+
+from train_support import final_weights, make_shards, run_cli, run_inprocess, train_losses, write_recipe
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tokenizer_dir, corpus):
+    return make_shards(tmp_path_factory.mktemp("shards") / "s", tokenizer_dir, corpus)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_crash_is_bitwise_exact(tmp_path, shards, precision, capsys):
+    torch.set_num_threads(1)  # the crashed subprocess runs with one thread too: same kernels, same bits
+    straight = write_recipe(tmp_path / "a.yaml", shards, tmp_path / "a", precision=precision)
+    run_inprocess(straight)
+    crashed = write_recipe(tmp_path / "b.yaml", shards, tmp_path / "b", precision=precision)
+    died = run_cli(["pretrain", "--config", str(crashed)], env={"ZHLLM_FAIL_AT_STEP": "8"})
+    assert died.returncode == 1, died.stderr[-2000:]
+    assert sorted(train_losses(tmp_path / "b")) == list(range(1, 9))
+    capsys.readouterr()
+    run_inprocess(crashed, resume="auto")
+    assert "resumed from" in capsys.readouterr().out
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert sorted(a) == list(range(1, 13))
+    assert a == b  # bitwise: JSON floats round-trip exactly
+    wa, wb = final_weights(tmp_path / "a", 12), final_weights(tmp_path / "b", 12)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_crash_inside_checkpoint_write_keeps_previous(tmp_path, shards, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "r")
+    died = run_cli(["pretrain", "--config", str(recipe)], env={"ZHLLM_FAIL_IN_SAVE_AT_STEP": "12"})
+    assert died.returncode == 1
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert (ckpts / "step_6" / "trainer_state.json").is_file()
+    assert not (ckpts / "step_12").exists()  # the half-written one stays under a hidden temporary name
+    assert list(ckpts.glob(".step_12.tmp-*"))
+    assert (ckpts / "latest").read_text().strip() == "step_6"
+    from zhllm.model.io import load_model
+    load_model(ckpts / "step_6")
+    capsys.readouterr()
+    summary = run_inprocess(recipe, resume="auto")
+    assert "step_6" in capsys.readouterr().out
+    assert summary["step"] == 12 and (ckpts / "step_12").is_dir()
+    assert not list(ckpts.glob(".step_*"))  # the crashed save's leftovers were cleaned up
+
+
+def test_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, shards):
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "r", max_steps=6)
+    run_inprocess(recipe, "log.plots=true")
+    ckpt = tmp_path / "r" / "checkpoints" / "step_6"
+    from transformers import AutoModelForCausalLM
+    from zhllm.model.io import load_model
+    ours = load_model(ckpt)
+    theirs = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-4)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["data_position"] == 24 and state["tokens_seen"] == 6 * 4 * 32
+    assert state["val_loss"] is not None and (tmp_path / "r" / "checkpoints" / "best").read_text().strip() == "step_6"
+    assert (ckpt / "tokenizer.json").is_file()
+    for name in ("loss", "lr", "throughput"):
+        assert (tmp_path / "r" / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_existing_run_needs_resume_flag(tmp_path, shards, capsys):
+    from zhllm.cli import main
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "r", max_steps=6)
+    assert main(["pretrain", "--config", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume auto" in err and len(err.strip().splitlines()) == 1
