@@ -13,6 +13,7 @@ from zhllm.data.clean import CleanConfig, clean_corpus, format_clean_report, loa
 from zhllm.data.dedup import DedupConfig, Deduplicator, exact_key, minhash_signature
 from zhllm.data.normalize import normalize_text, nfkc_keep_cjk_punct
 from zhllm.data.quality import QualityThresholds, quality_reason
+from zhllm.data.readers import iter_texts
 from zhllm.errors import ConfigError, ZhllmError
 
 # Common characters for synthetic documents that share no long runs with each other.
@@ -154,6 +155,7 @@ def test_clean_corpus_end_to_end(tmp_path):
     stages = {s["stage"]: s for s in report["stages"]}
     assert stages["read"]["out"] == 46 and stages["quality"]["removed"] == 2 and stages["near_dedup"]["out"] == 41
     assert [s["docs"] for s in report["shards"]] == [16, 16, 9]
+    assert list(iter_texts([str(tmp_path / "out")])) == texts  # the output directory is itself a corpus
     table = format_clean_report(report)
     assert "near_dedup" in table and "kept 41 of 46" in table and "invalid_json" in table
 

@@ -171,6 +171,7 @@ def test_expand_inputs_dirs_globs_and_errors(tmp_path):
     b = write_txt(tmp_path / "sub" / "a.txt.gz", "y\n")
     write_txt(tmp_path / ".hidden" / "c.txt", "z\n")
     (tmp_path / "notes.md").write_text("ignored in directories")
+    (tmp_path / "report.json").write_text('{"docs": 1}')  # metadata of a zhllm output directory
     assert expand_inputs([str(tmp_path)]) == [a, b]
     assert expand_inputs([str(tmp_path / "**" / "*.gz"), str(a), str(a)]) == [b, a]
     with pytest.raises(ZhllmError, match="input not found: .*missing.jsonl"):

@@ -32,6 +32,11 @@ _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet":
 # Fields tried, in order, when the user names none: the usual names for "the document" in open corpora.
 DEFAULT_TEXT_FIELDS = ("text", "content", "completion", "document", "body", "article", "passage", "sentence")
 TxtMode = Literal["line", "paragraph"]
+# Metadata that zhllm (and HF) output directories carry next to their data: never corpus text, so a
+# directory input skips them (`zhllm data clean` writes report.json beside its shards). Name such a file
+# explicitly to read it anyway.
+METADATA_FILES = frozenset({"report.json", "meta.json", "config.json", "generation_config.json",
+                            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
 
 # Reasons a record is skipped (keys of ReadStats.bad).
 INVALID_JSON = "invalid_json"
@@ -138,7 +143,8 @@ def is_supported(path: str | Path) -> bool:
 def expand_inputs(inputs: Iterable[str | Path] | str | Path) -> list[Path]:
     """Files, directories (recursive, supported types, sorted) and globs -> file list, in the order given.
 
-    Hidden files and directories are skipped (e.g. the `.name.tmp-*` siblings of atomic writes).
+    Hidden files and directories (e.g. the `.name.tmp-*` siblings of atomic writes) and, inside
+    directories, METADATA_FILES are skipped.
     An input that matches nothing is a ZhllmError naming it.
     """
     if isinstance(inputs, (str, Path)):
@@ -150,6 +156,7 @@ def expand_inputs(inputs: Iterable[str | Path] | str | Path) -> list[Path]:
         p = Path(text).expanduser()
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and is_supported(f)
+                           and f.name not in METADATA_FILES
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
             file_format(p)  # a named file of an unknown type is an error, not silently ignored
