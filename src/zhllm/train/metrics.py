@@ -96,6 +96,7 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(run_dir / "tb"))
             except ImportError:
                 pass
+        run_dir.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict, line: str | None = None) -> None:
