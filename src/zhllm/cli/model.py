@@ -1,5 +1,35 @@
-"""Parsers for this area's commands; see cli/__init__.py."""
+"""`zhllm model init|info`: parsers only; the work is in zhllm.model.init (see cli/__init__.py)."""
 
 
 def register(root, groups) -> None:
-    pass
+    model = groups["model"]
+
+    p = model.add_parser("init", help="write a randomly initialised HF-native checkpoint",
+                         description="Create a new model directory (config.json, model.safetensors, "
+                                     "generation_config.json, tokenizer files) with random weights. The vocabulary "
+                                     "size is the tokenizer's size rounded up to a multiple of 64 unless "
+                                     "--set vocab_size=N is given.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="model preset: tiny, 26m, 100m, 0.5b, 1.4b")
+    src.add_argument("--config", metavar="FILE", help="model config YAML (same keys as the presets)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config field, e.g. --set n_layers=4 (repeatable)")
+    p.add_argument("--tokenizer", required=True, metavar="TOKDIR", help="tokenizer directory to copy in")
+    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (must not exist)")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    p.set_defaults(func=lambda a: _init(a))
+
+    p = model.add_parser("info", help="summarise a checkpoint directory",
+                         description="Print architecture, parameter count, shape, vocabulary and tokenizer of a "
+                                     "checkpoint directory (any HF Llama/Qwen2 directory).")
+    p.add_argument("dir", help="checkpoint directory")
+    p.set_defaults(func=lambda a: print(_model_init().model_info(a.dir)))
+
+
+def _model_init():
+    from ..model import init  # deferred: `zhllm --help` should not import torch
+    return init
+
+
+def _init(a) -> None:
+    _model_init().init_model(a.out, a.tokenizer, preset=a.preset, config_file=a.config, sets=a.set, seed=a.seed)
