@@ -47,15 +47,16 @@ def write_txt(path: Path, text: str) -> Path:
 def write_parquet(path: Path, rows: list[dict]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), buf, row_group_size=2)
+    with _open(path, "wb") as f:
+        f.write(buf.getvalue().to_pybytes())
     return path
 
 
 @pytest.mark.parametrize("gz", ["", ".gz"])
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "txt", "parquet"])
 def test_every_format_reads_all_documents(tmp_path, fmt, gz):
-    if fmt == "parquet" and gz:
-        pytest.skip("parquet compresses internally; .parquet.gz is not a thing people ship")
     path = tmp_path / f"docs.{fmt}{gz}"
     rows = [{"id": i, "text": t} for i, t in enumerate(DOCS)]
     {"jsonl": lambda: write_jsonl(path, rows), "json": lambda: write_json(path, rows),
@@ -126,8 +127,8 @@ def test_txt_paragraph_mode(tmp_path):
 
 
 def test_json_array_streams_and_stops_at_syntax_error(tmp_path, monkeypatch):
-    import zhllm.data.readers as readers
-    monkeypatch.setattr(readers, "_CHUNK", 5)  # force refills in the middle of strings and numbers
+    import zhllm.data.json_stream as json_stream
+    monkeypatch.setattr(json_stream, "CHUNK_CHARS", 5)  # force refills in the middle of strings and numbers
     good = write_json(tmp_path / "a.json", [{"text": "长" * 40, "n": 1234567890123}, "bare string", 3.5,
                                            {"text": 'quote " and \\ backslash'}])
     stats = ReadStats()
@@ -156,10 +157,13 @@ def test_field_selection_and_parquet_nulls(tmp_path):
 def test_unreadable_file_is_counted_not_a_traceback(tmp_path):
     broken = tmp_path / "broken.jsonl.gz"
     broken.write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:40])  # truncated gzip stream
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet")
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": "b"}])
     stats = ReadStats()
-    list(iter_texts([broken, good], stats=stats))
-    assert stats.bad["unreadable_file"] == 1 and stats.docs >= 1
+    assert list(iter_texts([broken, garbage, good], stats=stats))[-1] == "b"
+    assert stats.bad["unreadable_file"] == 2
+    assert stats.examples[-1].startswith(f"{garbage}:0: unreadable_file (ArrowInvalid")
     with pytest.raises(ZhllmError, match="broken.jsonl.gz"):
         list(iter_texts([broken], strict=True))
 
