@@ -41,12 +41,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's canonical JSON: two shard dirs mix only if their token ids mean the same."""
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    if hasattr(backend, "to_str"):
-        canonical = backend.to_str()
-    else:  # slow tokenizers: the vocabulary is what gives ids their meaning
-        canonical = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    """sha256 of the vocabulary (token -> id, added tokens included): shard dirs mix only if their ids mean
+    the same. Works alike for a transformers tokenizer and a raw `tokenizers.Tokenizer` of the same files."""
+    try:
+        vocab = tokenizer.get_vocab(with_added_tokens=True)  # tokenizers.Tokenizer
+    except TypeError:
+        vocab = tokenizer.get_vocab()  # transformers: added tokens are always included
+    canonical = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

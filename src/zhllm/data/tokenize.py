@@ -145,18 +145,14 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, out_dir: str | Pat
                     shard_index: int = 0, shard_tokens: int = DEFAULT_SHARD_TOKENS, strict: bool = False,
                     unit_chars: int = DEFAULT_UNIT_CHARS, progress: bool = True) -> TokenizeReport:
     """Tokenise `inputs` into a shard directory (see the module docstring); returns what was done."""
-    from ..tokenizer.load import load_tokenizer
     from .readers import ReadStats, expand_inputs, iter_texts
 
     start_time = time.perf_counter()
     _check_args(val_fraction, workers, num_shards, shard_index, shard_tokens, unit_chars)
     workers = workers or os.cpu_count() or 1
     files = expand_inputs(inputs)
-    hf = load_tokenizer(tokenizer)
-    if getattr(hf, "backend_tokenizer", None) is None:
-        raise ZhllmError(f"tokenizer {tokenizer} has no fast (tokenizers) backend; convert it to tokenizer.json first")
-    eos_id = _eos_id(hf, tokenizer)
-    vocab_size, fingerprint = len(hf), tokenizer_fingerprint(hf)
+    backend, vocab_size, eos_id = read_tokenizer(tokenizer)
+    fingerprint = tokenizer_fingerprint(backend)
     out_dir = Path(out_dir)
     job = _Job(out_dir, {"format_version": VERSION, "tokenizer_sha256": fingerprint, "field": field,
                          "val_fraction": val_fraction, "shard_tokens": shard_tokens, "unit_chars": unit_chars,
@@ -174,7 +170,7 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, out_dir: str | Pat
         texts = iter_texts(files, field=field, strict=strict, stats=stats)
         units = ((u, t) for u, t in enumerate(_work_units(texts, unit_chars))
                  if u % num_shards == shard_index and u >= resume_unit)
-        worker_args = (hf.backend_tokenizer.to_str(), eos_id, token_dtype(vocab_size).name, val_fraction)
+        worker_args = (backend.to_str(), eos_id, token_dtype(vocab_size).name, val_fraction)
         report.units_resumed = sum(g["unit_count"] for g in done)
         report.units_done = _run_units(job, units, len(done), resume_unit, worker_args, workers,
                                        token_dtype(vocab_size), eos_id, shard_tokens, progress)
@@ -200,13 +196,48 @@ def _check_args(val_fraction, workers, num_shards, shard_index, shard_tokens, un
         raise ZhllmError("--shard-tokens and the unit size must be positive")
 
 
-def _eos_id(hf, name) -> int:
-    eos = hf.eos_token_id
-    if eos is None:
-        eos = hf.convert_tokens_to_ids("<|endoftext|>")
-        if eos is None or eos == getattr(hf, "unk_token_id", None):
-            raise ZhllmError(f"tokenizer {name} has no EOS token to end documents with")
-    return int(eos)
+def read_tokenizer(path: str | Path):
+    """(tokenizers.Tokenizer, vocab size, EOS id) of a tokenizer directory.
+
+    With a tokenizer.json we read it with `tokenizers` alone: importing transformers would cost seconds
+    before the first unit starts. Directories without one (vocab.json + merges.txt, ...) go through
+    AutoTokenizer, which builds the fast tokenizer for us.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        try:
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the Rust error types are not importable; any failure means a bad file
+            raise ZhllmError(f"{path}/tokenizer.json: cannot load ({str(e).splitlines()[0]})") from None
+        eos = _configured_eos(path)
+        eos_id = tok.token_to_id(eos) if eos else None
+        vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    else:
+        from ..tokenizer.load import load_tokenizer
+
+        hf = load_tokenizer(path)
+        tok = getattr(hf, "backend_tokenizer", None)
+        if tok is None:
+            raise ZhllmError(f"tokenizer {path} has no fast (tokenizers) backend; save it with a tokenizer.json")
+        eos_id, vocab_size = hf.eos_token_id, len(hf)
+    if eos_id is None:
+        eos_id = tok.token_to_id("<|endoftext|>")
+    if eos_id is None:
+        raise ZhllmError(f"tokenizer {path} has no EOS token to end documents with")
+    return tok, vocab_size, int(eos_id)
+
+
+def _configured_eos(path: Path) -> str | None:
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = path / name
+        if f.is_file():
+            eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if eos:
+                return eos
+    return None
 
 
 def _claim_directory(job: _Job, tokenizer_path: Path) -> None:
