@@ -34,8 +34,10 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
 
 
 def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, num_reserved: int = 13,
-                              character_coverage: float = 0.9995, num_threads: int = 1) -> bytes:
+                              character_coverage: float = 0.9995, num_threads: int | None = None) -> bytes:
     """Train a SentencePiece BPE model; returns the serialized model proto."""
+    import os
+
     import sentencepiece as spm
 
     specials = special_tokens(num_reserved)
@@ -47,7 +49,7 @@ def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, num_reserve
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             allow_whitespace_only_pieces=True, control_symbols=specials, unk_id=len(specials), unk_piece=UNK,
             bos_id=-1, eos_id=-1, pad_id=-1, max_sentence_length=4 * MAX_SENTENCE_CHARS,
-            num_threads=num_threads, minloglevel=2)
+            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
         msg = str(e).splitlines()[-1]
         raise ZhllmError(f"sentencepiece training failed: {msg.split('] ')[-1]}") from None
