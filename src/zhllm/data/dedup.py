@@ -8,8 +8,12 @@ comparing all pairs.
 
 Signatures (`exact_key`, `minhash_signature`) are pure functions of the text, so worker processes can
 compute them; the `Deduplicator` holding the index lives in one process and sees documents in input order,
-which keeps the output deterministic whatever the number of workers. Memory grows with the number of kept
-documents (about num_perm * 8 bytes each in the LSH index): plan on ~1.2 KB per document at num_perm=128.
+which keeps the output deterministic whatever the number of workers.
+
+Memory grows with the number of kept documents: datasketch's in-memory LSH (9 bands x 13 rows at the
+default threshold 0.8, num_perm 128) costs about 3.5 KB per document (measured), i.e. ~0.7 GB for the 200k
+documents of the shared prose sample and ~35 GB for 10M. Beyond that, deduplicate per source/shard or
+turn `near` off; the exact-dedup set costs under 100 bytes per document.
 """
 from __future__ import annotations
 
