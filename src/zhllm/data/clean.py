@@ -261,7 +261,8 @@ def format_clean_report(report: dict) -> str:
     kept, docs_in = report["docs_kept"], report["docs_in"]
     share = f"{100 * kept / docs_in:.1f}%" if docs_in else "-"
     lines.append(f"kept {kept} of {docs_in} documents ({share}), {report['chars_out']} of {report['chars_in']} "
-                 f"characters, {len(report['shards'])} shard(s), {report['docs_per_second']} docs/s")
+                 f"characters, {len(report['shards'])} shard(s), {report['docs_per_second']} docs/s; "
+                 f"normalisation changed {report['docs_changed_by_normalize']} documents")
     for example in report["read"]["examples"]:
         lines.append(f"bad record: {example}")
     return "\n".join(lines)
