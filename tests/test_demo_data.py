@@ -6,7 +6,7 @@ import re
 import pytest
 
 from zhllm.demo import (DATA_DIR, TASK_KINDS, Task, eval_tasks, extract_answer, is_correct, iter_prose,
-                        load_eval_tasks, prose_files, sample_tasks, task_conversations, task_documents,
+                        load_eval_tasks, pretrain_prompt, prose_files, sample_tasks, task_conversations, task_documents,
                         write_demo_corpus, write_demo_eval, write_demo_sft)
 from zhllm.errors import ZhllmError
 
@@ -176,6 +176,7 @@ def test_is_correct_units_weekdays_and_names():
 
 def test_extract_answer_reads_training_answers_back():
     for task in sample_tasks(300, seed=5):
+        assert pretrain_prompt(task).endswith("答：") and task.question in pretrain_prompt(task)
         assert extract_answer(f"{task.reasoning}\n答案：{task.answer}") == extract_answer(task.answer)
         assert is_correct(task, f"{task.reasoning}\n答案：{task.answer}")
     assert extract_answer("") is None and extract_answer("答案：") is None
@@ -190,13 +191,17 @@ def test_writers_produce_pipeline_files(tmp_path):
     task_records = [json.loads(line) for line in tasks.read_text(encoding="utf-8").splitlines()]
     assert len(task_records) == 20 and all("问：" in r["text"] and "答案：" in r["text"] for r in task_records)
 
-    sft = write_demo_sft(tmp_path / "sft.jsonl", n=30, seed=1)
+    sft = write_demo_sft(tmp_path / "sft.jsonl", n=40, seed=1, smalltalk_fraction=0.25)
     records = [json.loads(line) for line in sft.read_text(encoding="utf-8").splitlines()]
-    assert len(records) == 30
+    assert len(records) == 40
     for record in records:
         user, assistant = record["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
-        assert "答案：" in assistant["content"]
+        assert user["content"].strip() and assistant["content"].strip()
+    assert sum("答案：" in r["messages"][1]["content"] for r in records) == 30  # the rest is small talk
+    assert write_demo_sft(tmp_path / "again.jsonl", n=40, seed=1, smalltalk_fraction=0.25).read_bytes() == sft.read_bytes()
+    with pytest.raises(ZhllmError, match="smalltalk_fraction"):
+        write_demo_sft(tmp_path / "x.jsonl", n=4, smalltalk_fraction=2)
 
     eval_path = write_demo_eval(tmp_path / "eval.jsonl", n=25, seed=1)
     loaded = load_eval_tasks(eval_path)

@@ -6,17 +6,20 @@ The demo pipeline trains on `write_demo_corpus` (prose + task documents), fine-t
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ZhllmError
 from ..fsutil import atomic_write_text
-from .tasks import (TASK_KINDS, Task, eval_tasks, extract_answer, is_correct, sample_tasks, task_conversations,
-                    task_documents)
+from .smalltalk import smalltalk_conversations
+from .tasks import (TASK_KINDS, Task, answer_text, eval_tasks, extract_answer, is_correct, pretrain_prompt,
+                    sample_tasks, task_conversations, task_documents)
 
 __all__ = ["DATA_DIR", "prose_files", "iter_prose", "write_demo_corpus", "write_demo_sft", "write_demo_eval",
            "load_eval_tasks", "Task", "TASK_KINDS", "sample_tasks", "eval_tasks", "task_documents",
-           "task_conversations", "extract_answer", "is_correct"]
+           "task_conversations", "smalltalk_conversations", "extract_answer", "is_correct", "pretrain_prompt",
+           "answer_text"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -54,11 +57,17 @@ def write_demo_corpus(out_dir: str | Path, n_task_docs: int = 2000, seed: int = 
     return [prose_path, tasks_path]
 
 
-def write_demo_sft(out_path: str | Path, n: int = 2000, seed: int = 0) -> Path:
-    """Write `n` task conversations as {"messages": [...]} lines for SFT."""
+def write_demo_sft(out_path: str | Path, n: int = 2000, seed: int = 0, smalltalk_fraction: float = 0.05) -> Path:
+    """Write `n` conversations as {"messages": [...]} lines for SFT: task conversations, plus a small share of
+    everyday small talk (greetings, what the model is) so the chat demo does not answer "你好" with a number."""
     _check_count("n", n)
+    if not 0.0 <= smalltalk_fraction <= 1.0:
+        raise ZhllmError(f"smalltalk_fraction must be between 0 and 1, got {smalltalk_fraction}")
+    n_smalltalk = round(n * smalltalk_fraction)
+    conversations = task_conversations(n - n_smalltalk, seed) + smalltalk_conversations(n_smalltalk, seed)
+    random.Random(f"sft-order-{seed}").shuffle(conversations)
     out_path = Path(out_path)
-    atomic_write_text(out_path, _jsonl({"messages": m} for m in task_conversations(n, seed)))
+    atomic_write_text(out_path, _jsonl({"messages": m} for m in conversations))
     return out_path
 
 

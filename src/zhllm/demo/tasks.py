@@ -15,7 +15,7 @@ from ..errors import ZhllmError
 from .answers import WEEKDAYS, extract_answer, is_correct
 
 __all__ = ["Task", "TASK_KINDS", "sample_tasks", "eval_tasks", "task_documents", "task_conversations",
-           "extract_answer", "is_correct", "is_eval_question"]
+           "extract_answer", "is_correct", "is_eval_question", "pretrain_prompt", "answer_text"]
 
 
 @dataclass(frozen=True)
@@ -236,6 +236,11 @@ def sample_tasks(n: int, seed: int = 0, kinds: list[str] | None = None) -> list[
 def eval_tasks(n: int, seed: int = 0, kinds: list[str] | None = None) -> list[Task]:
     """`n` distinct held-out tasks, disjoint from anything `sample_tasks` can produce."""
     return _draw(n, random.Random(f"eval-{seed}"), kinds, want_eval=True)
+
+
+def pretrain_prompt(task: Task) -> str:
+    """The prompt a pretrained (not chat) model completes, in the same form as `task_documents`."""
+    return f"问：{task.question}\n答："
 
 
 def answer_text(task: Task) -> str:
