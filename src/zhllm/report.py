@@ -1,0 +1,93 @@
+"""`runs/NAME/report.md`: what the pipeline ran, what it produced, how well it does, what to run next."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .fsutil import atomic_write_text
+
+
+def _rel(path: str | Path, base: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), base.resolve())
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return "—" if x is None else str(x)
+
+
+def _model_line(checkpoint: str) -> str:
+    from .model.io import read_model_config
+    c = read_model_config(checkpoint)
+    return (f"{c.arch}, {c.num_params() / 1e6:.2f}M parameters (dim {c.dim}, {c.n_layers} layers, "
+            f"{c.n_heads} heads / {c.n_kv_heads} KV heads, FFN {c.ffn_dim}, vocab {c.vocab_size})")
+
+
+def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
+    from .train.metrics import plot_run
+    lines = [f"# zhllm pipeline report: {cfg.name}", ""]
+    lines += ["## What ran", "", f"Config: `{_rel(run_dir / 'pipeline.yaml', run_dir)}` (resolved).", "",
+              "| stage | status | time (s) |", "|---|---|---:|"]
+    for o in outcomes:
+        lines.append(f"| {o.name} | {'cached' if o.skipped else 'ran'} | {o.seconds:.1f} |")
+    total = sum(o.seconds for o in outcomes)
+    lines += [f"| **total** | | {total:.1f} |", ""]
+
+    clean = results.get("clean", {}).get("report", {})
+    if clean:
+        lines += ["## Data", "", f"- records read: {clean.get('records_read')}, kept after cleaning and dedup: "
+                  f"{clean.get('docs_kept')} ({clean.get('chars_out')} characters)",
+                  f"- removed: " + (", ".join(f"{k} {v}" for k, v in clean.get("removed", {}).items()) or "none")]
+        splits = results.get("tokenize", {}).get("splits") or {}
+        for name, s in splits.items():
+            if isinstance(s, dict):
+                lines.append(f"- {name} split: {s.get('tokens', s.get('num_tokens'))} tokens, "
+                             f"{s.get('documents', s.get('docs'))} documents")
+        lines.append("")
+    tok = results.get("tokenizer", {})
+    if tok:
+        lines += ["## Tokenizer", "", f"- `{_rel(tok['path'], run_dir)}`: vocabulary {tok.get('vocab_size')}"
+                  + (f", {tok['chars_per_token']:.2f} characters per token on held-out text" if tok.get("chars_per_token") else ""), ""]
+
+    lines += ["## Training", ""]
+    for stage in ("pretrain", "sft"):
+        r = results.get(stage)
+        if not r:
+            continue
+        lines += [f"### {stage}", "", f"- model: {_model_line(r['checkpoint'])}",
+                  f"- steps {r.get('step')}, tokens seen {r.get('tokens_seen')}, final val loss {_fmt(r.get('val_loss'))}, "
+                  f"{r.get('seconds', 0):.0f} s", f"- checkpoint: `{_rel(r['checkpoint'], run_dir)}`", ""]
+        try:
+            for png in plot_run(r["run_dir"]):
+                lines.append(f"![{stage} {png.stem}]({_rel(png, run_dir)})")
+        except Exception as e:  # plots are a convenience; a report without them is still a report
+            lines.append(f"(plots unavailable: {e})")
+        lines.append("")
+
+    ev = results.get("eval")
+    if ev:
+        lines += ["## Evaluation", "", "Validation loss on held-out shards; bits per byte = loss / ln 2 / "
+                  "(UTF-8 bytes per token). Task accuracy = exact-match of greedy answers on held-out demo tasks.", "",
+                  "| model | val loss | perplexity | bits/byte | task accuracy |", "|---|---:|---:|---:|---:|"]
+        for stage, m in ev.items():
+            lines.append(f"| {stage} | {_fmt(m['val_loss'])} | {_fmt(m['val_ppl'], 2)} | {_fmt(m['val_bpb'])} | "
+                         f"{m['task_accuracy']:.1%} ({m['tasks']} tasks) |")
+        lines.append("")
+        answers = run_dir / "eval" / "answers_sft.jsonl"
+        if answers.is_file():
+            rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()[:cfg.eval.samples]]
+            lines += ["## Sample chats (SFT model, held-out questions)", ""]
+            for row in rows:
+                mark = "✓" if row["correct"] else "✗"
+                lines += [f"> **用户**：{row['question']}", ">", f"> **助手**：{row['output'].strip()}", "",
+                          f"{mark} expected answer: {row['answer']}", ""]
+    final = results.get("sft", results.get("pretrain"))
+    if final:
+        lines += ["## Next", "", f"- chat with the model: `zhllm chat {_rel(final['checkpoint'], Path.cwd())}`",
+                  f"- plots and metrics: `zhllm plot {_rel(final['run_dir'], Path.cwd())}`, TensorBoard in `tb/`",
+                  "- scale up: `configs/pipeline-26m.yaml` (real corpora, one GPU), torchrun for many (README)", ""]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
