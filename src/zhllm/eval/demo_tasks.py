@@ -32,17 +32,18 @@ def val_loss(model, shards_dir: str, seq_len: int, batches: int, batch_size: int
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss / math.log(2) / data.bytes_per_token}
 
 
-def answer_tasks(model, tokenizer, tasks, chat: bool, max_new_tokens: int) -> list[dict]:
+def answer_tasks(model, tokenizer, tasks, chat: bool, max_new_tokens: int, batch_size: int = 16) -> list[dict]:
+    """Greedy answers, decoded in batches; the pretrained model stops where its documents start a new item."""
     from ..demo import is_correct
-    from ..infer.generate import generate
-    rows = []
-    for task in tasks:
-        prompt = [{"role": "user", "content": task.question}] if chat else f"问：{task.question}\n答："
-        out = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0,
-                       stop=None if chat else ["\n\n", "问："])
-        rows.append({"question": task.question, "answer": task.answer, "output": out,
-                     "correct": bool(is_correct(task, out))})
-    return rows
+    from ..demo.tasks import pretrain_prompt
+    from ..infer.generate import generate_batch
+    prompts = [[{"role": "user", "content": t.question}] if chat else pretrain_prompt(t) for t in tasks]
+    outputs: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        outputs += generate_batch(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
+                                  temperature=0.0, stop_strings=() if chat else ("\n\n", "问："))
+    return [{"question": t.question, "answer": t.answer, "output": out, "correct": bool(is_correct(t, out))}
+            for t, out in zip(tasks, outputs)]
 
 
 def evaluate_pipeline_models(models: dict[str, str], shards_dir: str, out_dir: Path, cfg, seq_len: int,
