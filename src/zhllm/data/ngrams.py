@@ -11,19 +11,27 @@ import numpy as np
 _BASE = np.uint64(0x100000001B3)  # FNV-1 64-bit prime: odd and large, mixes code points well
 
 
-def char_ngram_hashes(text: str, n: int) -> np.ndarray:
-    """uint64 hash of every n-character window of `text` (one window of the whole text if it is shorter)."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    if len(codes) <= n:
-        n = max(len(codes), 1)
-        if not len(codes):
-            return np.zeros(1, dtype=np.uint64)
+def code_points(text: str) -> np.ndarray:
+    """The text's Unicode code points as a uint32 array (one cheap C-level conversion)."""
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def ngram_hashes(codes: np.ndarray, n: int) -> np.ndarray:
+    """uint64 hash of every n-code-point window (one window of everything if there are fewer than n)."""
+    if len(codes) == 0:
+        return np.zeros(1, dtype=np.uint64)
+    n = min(n, len(codes))
+    codes = codes.astype(np.uint64)
     windows = len(codes) - n + 1
     h = np.zeros(windows, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(n):
             h = h * _BASE + codes[j:j + windows]
     return h
+
+
+def char_ngram_hashes(text: str, n: int) -> np.ndarray:
+    return ngram_hashes(code_points(text), n)
 
 
 def fold32(h: np.ndarray) -> np.ndarray:

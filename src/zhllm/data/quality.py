@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ngrams import char_ngram_hashes
+from .ngrams import code_points, ngram_hashes
 
-_CJK_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
+# CJK ideograph blocks (extension A, unified, compatibility, extensions B-F) as code point ranges.
+_CJK_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FFFF))
 _WHITESPACE_RE = re.compile(r"\s+")
 # Symbols that flood spam and boilerplate (box drawing, emoji, currency, math, markup leftovers).
 # Ordinary prose punctuation, Chinese or ASCII, is not a symbol here.
@@ -36,8 +37,14 @@ class QualityThresholds:
     dup_ngram_size: int = 10            # ~5 Chinese words: long enough that normal prose rarely repeats one
 
 
-def cjk_ratio(compact: str) -> float:
-    return len(_CJK_RE.findall(compact)) / len(compact) if compact else 0.0
+def cjk_ratio(compact: str, codes: np.ndarray | None = None) -> float:
+    codes = code_points(compact) if codes is None else codes
+    if not len(codes):
+        return 0.0
+    is_cjk = np.zeros(len(codes), dtype=bool)
+    for lo, hi in _CJK_RANGES:
+        is_cjk |= (codes >= lo) & (codes <= hi)
+    return float(is_cjk.sum()) / len(codes)
 
 
 def symbol_ratio(compact: str) -> float:
@@ -66,11 +73,12 @@ def char_run_ratio(compact: str) -> float:
     return sum(m.end() - m.start() for m in _CHAR_RUN_RE.finditer(compact)) / len(compact)
 
 
-def dup_ngram_ratio(compact: str, n: int) -> float:
+def dup_ngram_ratio(compact: str, n: int, codes: np.ndarray | None = None) -> float:
     """Share of character n-grams that occur more than once (copy-pasted sentences, keyword stuffing)."""
-    if len(compact) - n + 1 <= 1:
+    codes = code_points(compact) if codes is None else codes
+    if len(codes) - n + 1 <= 1:
         return 0.0
-    _, counts = np.unique(char_ngram_hashes(compact, n), return_counts=True)
+    _, counts = np.unique(ngram_hashes(codes, n), return_counts=True)
     return float(counts[counts > 1].sum()) / counts.sum()
 
 
@@ -82,7 +90,8 @@ def quality_reason(text: str, t: QualityThresholds) -> str | None:
     if t.max_chars and n > t.max_chars:
         return "too_long"
     compact = _WHITESPACE_RE.sub("", text)
-    if t.min_cjk_ratio > 0 and cjk_ratio(compact) < t.min_cjk_ratio:
+    codes = code_points(compact)
+    if t.min_cjk_ratio > 0 and cjk_ratio(compact, codes) < t.min_cjk_ratio:
         return "low_cjk_ratio"
     if t.max_symbol_ratio < 1 and symbol_ratio(compact) > t.max_symbol_ratio:
         return "high_symbol_ratio"
@@ -90,6 +99,6 @@ def quality_reason(text: str, t: QualityThresholds) -> str | None:
         return "repeated_lines"
     if t.max_char_run_ratio < 1 and char_run_ratio(compact) > t.max_char_run_ratio:
         return "repeated_chars"
-    if t.max_dup_ngram_ratio < 1 and dup_ngram_ratio(compact, t.dup_ngram_size) > t.max_dup_ngram_ratio:
+    if t.max_dup_ngram_ratio < 1 and dup_ngram_ratio(compact, t.dup_ngram_size, codes) > t.max_dup_ngram_ratio:
         return "repeated_ngrams"
     return None
