@@ -155,6 +155,8 @@ def test_clean_corpus_end_to_end(tmp_path):
     stages = {s["stage"]: s for s in report["stages"]}
     assert stages["read"]["out"] == 46 and stages["quality"]["removed"] == 2 and stages["near_dedup"]["out"] == 41
     assert [s["docs"] for s in report["shards"]] == [16, 16, 9]
+    assert report["by_source"] == {"s0": {"in": 14, "kept": 14}, "s1": {"in": 13, "kept": 13},
+                                   "s2": {"in": 13, "kept": 13}}
     assert list(iter_texts([str(tmp_path / "out")])) == texts  # the output directory is itself a corpus
     table = format_clean_report(report)
     assert "near_dedup" in table and "kept 41 of 46" in table and "invalid_json" in table

@@ -156,7 +156,8 @@ def _run(records: Iterator[tuple[str, str | None]], cfg: CleanConfig, workers: i
     from tqdm import tqdm
     dedup = Deduplicator(cfg.dedup)
     removed: Counter = Counter()
-    counts = {"removed": removed, "changed": 0, "chars_in": 0, "chars_out": 0, "kept": 0}
+    counts = {"removed": removed, "changed": 0, "chars_in": 0, "chars_out": 0, "kept": 0,
+              "by_source": {}}
     pool = _pool_context().Pool(workers, _init_worker, (cfg,)) if workers > 1 else None
     _init_worker(cfg)
     try:
@@ -203,6 +204,10 @@ def _count_chars(records: Iterable[tuple[str, str | None]], counts: dict) -> Ite
 def _keep_or_drop(doc: Prepared, dedup: Deduplicator, writer: ShardWriter, counts: dict) -> None:
     counts["changed"] += doc.changed
     reason = doc.reason or dedup.check(doc.key, doc.signature)
+    if doc.source is not None:  # which sources lose most tells the user where their noise comes from
+        per_source = counts["by_source"].setdefault(doc.source, {"in": 0, "kept": 0})
+        per_source["in"] += 1
+        per_source["kept"] += reason is None
     if reason:
         counts["removed"][reason] += 1
         return
@@ -241,6 +246,7 @@ def _report(files: list[Path], cfg: CleanConfig, stats: ReadStats, counts: dict,
         "chars_in": counts["chars_in"],
         "chars_out": counts["chars_out"],
         "removed": dict(sorted(removed.items())),
+        "by_source": dict(sorted(counts["by_source"].items())),
         "stages": stages,
         "read": stats.to_dict(),
         "shards": shards,
