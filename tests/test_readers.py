@@ -177,6 +177,8 @@ def test_expand_inputs_dirs_globs_and_errors(tmp_path):
     (tmp_path / "notes.md").write_text("ignored in directories")
     (tmp_path / "report.json").write_text('{"docs": 1}')  # metadata of a zhllm output directory
     assert expand_inputs([str(tmp_path)]) == [a, b]
+    assert expand_inputs([str(tmp_path / "*.json*")]) == [a]
+    assert expand_inputs([str(tmp_path / "report.json")]) == [tmp_path / "report.json"]
     assert expand_inputs([str(tmp_path / "**" / "*.gz"), str(a), str(a)]) == [b, a]
     with pytest.raises(ZhllmError, match="input not found: .*missing.jsonl"):
         expand_inputs([str(tmp_path / "missing.jsonl")])

@@ -31,8 +31,8 @@ __all__ = ["Record", "FileSlice", "ReadStats", "expand_inputs", "plan_slices", "
 # Fields tried, in order, when the user names none: the usual names for "the document" in open corpora.
 DEFAULT_TEXT_FIELDS = ("text", "content", "completion", "document", "body", "article", "passage", "sentence")
 # Metadata that zhllm (and HF) output directories carry next to their data: never corpus text, so a
-# directory input skips them (`zhllm data clean` writes report.json beside its shards). Name such a file
-# explicitly to read it anyway.
+# directory or glob input skips them (`zhllm data clean` writes report.json beside its shards). Name such
+# a file exactly to read it anyway.
 METADATA_FILES = frozenset({"report.json", "meta.json", "config.json", "generation_config.json",
                             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
 
@@ -44,8 +44,8 @@ _CHUNK = 1 << 20
 def expand_inputs(inputs: Iterable[str | Path] | str | Path) -> list[Path]:
     """Files, directories (recursive, supported types, sorted) and globs -> file list, in the order given.
 
-    Hidden files and directories (e.g. the `.name.tmp-*` siblings of atomic writes) and, inside
-    directories, METADATA_FILES are skipped.
+    Hidden files and directories (e.g. the `.name.tmp-*` siblings of atomic writes) are skipped, and so
+    are METADATA_FILES unless named exactly.
     An input that matches nothing is a ZhllmError naming it.
     """
     if isinstance(inputs, (str, Path)):
@@ -64,7 +64,7 @@ def expand_inputs(inputs: Iterable[str | Path] | str | Path) -> list[Path]:
             found = [p]
         elif glob.has_magic(text):
             found = sorted(Path(f) for f in glob.glob(os.path.expanduser(text), recursive=True)
-                           if Path(f).is_file() and is_supported(f))
+                           if Path(f).is_file() and is_supported(f) and Path(f).name not in METADATA_FILES)
         else:
             raise ZhllmError(f"input not found: {text}")
         if not found:
