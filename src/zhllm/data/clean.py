@@ -123,14 +123,14 @@ class ShardWriter:
             self._fh = None
 
 
-def clean_corpus(inputs: list[str] | str, out_dir: str | Path, config: CleanConfig | None = None,
+def clean_corpus(inputs: Iterable[str | Path] | str | Path, out_dir: str | Path, config: CleanConfig | None = None,
                  field: str | None = None, strict: bool = False, txt_mode: Literal["line", "paragraph"] = "line",
                  workers: int = 1, progress: bool = True) -> dict:
     """Clean `inputs` into `out_dir` (jsonl.gz shards + report.json) and return the report."""
     cfg = config or CleanConfig()
     if workers < 1:
         raise ZhllmError(f"--workers must be at least 1, got {workers}")
-    files = expand_inputs(inputs if isinstance(inputs, list) else [inputs])
+    files = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
     stats = ReadStats()
     records = ((text, _source(rec.data) if cfg.keep_source else None)
                for text, rec in iter_text_records(files, field, strict, stats, txt_mode))
