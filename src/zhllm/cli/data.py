@@ -27,7 +27,8 @@ def register(root, groups) -> None:
     p.add_argument("--config", default=None, help="YAML file of CleanConfig settings (e.g. configs/clean/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set t2s=true --set quality.min_chars=50 --set dedup.threshold=0.7")
-    p.add_argument("--workers", type=int, default=1, help="processes for normalisation, filters and MinHash (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes for normalisation, filters and MinHash (default 1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_clean)
 
