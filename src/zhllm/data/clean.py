@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 from ..config import load_config
-from ..errors import ZhllmError
+from ..errors import ConfigError, ZhllmError
 from ..fsutil import atomic_directory, atomic_write_text
 from .dedup import DedupConfig, Deduplicator, exact_key, minhash_signature
 from .normalize import normalize_text
@@ -43,9 +43,31 @@ class CleanConfig:
 
 
 def load_clean_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CleanConfig:
-    cfg = load_config(CleanConfig, path, overrides)
-    if cfg.docs_per_shard < 1:
-        raise ZhllmError("docs_per_shard must be at least 1")
+    return check_clean_config(load_config(CleanConfig, path, overrides))
+
+
+def check_clean_config(cfg: CleanConfig) -> CleanConfig:
+    """Values the type system cannot rule out; each mistake is one ConfigError naming the key."""
+    q = cfg.quality
+    ratios = {"quality.min_cjk_ratio": q.min_cjk_ratio, "quality.max_symbol_ratio": q.max_symbol_ratio,
+              "quality.max_dup_line_ratio": q.max_dup_line_ratio, "quality.max_char_run_ratio": q.max_char_run_ratio,
+              "quality.max_dup_ngram_ratio": q.max_dup_ngram_ratio}
+    for key, value in ratios.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key} must be between 0 and 1, got {value}")
+    positive = {"docs_per_shard": cfg.docs_per_shard, "quality.dup_ngram_size": q.dup_ngram_size,
+                "dedup.shingle_size": cfg.dedup.shingle_size, "dedup.num_perm": cfg.dedup.num_perm}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if q.min_chars < 0 or q.max_chars < 0:
+        raise ConfigError("quality.min_chars and quality.max_chars must not be negative (max_chars 0 = no limit)")
+    if cfg.t2s:
+        from .normalize import to_simplified
+        try:
+            to_simplified("測試", cfg.opencc_config)
+        except Exception as e:  # opencc raises its own types for unknown configs
+            raise ConfigError(f"opencc_config {cfg.opencc_config!r} is not an OpenCC conversion ({e})") from None
     return cfg
 
 
@@ -127,7 +149,7 @@ def clean_corpus(inputs: Iterable[str | Path] | str | Path, out_dir: str | Path,
                  field: str | None = None, strict: bool = False, txt_mode: Literal["line", "paragraph"] = "line",
                  workers: int = 1, progress: bool = True) -> dict:
     """Clean `inputs` into `out_dir` (jsonl.gz shards + report.json) and return the report."""
-    cfg = config or CleanConfig()
+    cfg = check_clean_config(config or CleanConfig())
     if workers < 1:
         raise ZhllmError(f"--workers must be at least 1, got {workers}")
     files = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
