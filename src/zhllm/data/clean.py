@@ -134,8 +134,9 @@ class ShardWriter:
     def _open_next(self) -> None:
         self.close()
         name = f"part-{len(self.shards):05d}.jsonl.gz"
-        # compresslevel 6: most of level 9's ratio at a fraction of its time
-        self._fh = gzip.open(self.out_dir / name, "wt", encoding="utf-8", compresslevel=6)
+        # Level 3: on Chinese jsonl only 4% larger than level 6 at under half its CPU (measured on the
+        # shared prose sample); the shards are an intermediate read once by the tokenizer.
+        self._fh = gzip.open(self.out_dir / name, "wt", encoding="utf-8", compresslevel=3)
         self.shards.append({"file": name, "docs": 0, "chars": 0})
         self._count = 0
 
