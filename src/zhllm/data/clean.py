@@ -160,8 +160,10 @@ def clean_corpus(inputs: Iterable[str | Path] | str | Path, out_dir: str | Path,
     start = time.perf_counter()
     with atomic_directory(out_dir) as tmp:
         writer = ShardWriter(tmp, cfg.docs_per_shard)
-        counts = _run(records, cfg, workers, writer, progress)
-        writer.close()
+        try:
+            counts = _run(records, cfg, workers, writer, progress)
+        finally:
+            writer.close()
         if stats.docs == 0:
             raise ZhllmError(f"no documents read from {', '.join(map(str, files))} ({stats.summary().splitlines()[0]})")
         report = _report(files, cfg, stats, counts, writer.shards, time.perf_counter() - start)
