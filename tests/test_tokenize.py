@@ -10,7 +10,7 @@ from conftest import shared_data
 from zhllm.cli import main
 from zhllm.data import tokenize as tk
 from zhllm.data.readers import iter_texts
-from zhllm.data.shards import PackedTokenDataset, ShardDirectory
+from zhllm.data.shards import PackedTokenDataset, ShardDirectory, tokenizer_fingerprint
 from zhllm.errors import ZhllmError
 from zhllm.tokenizer.load import load_tokenizer
 
@@ -64,6 +64,8 @@ def test_shards_hold_exactly_the_encoded_documents(tmp_path, inputs, tokenizer_d
     assert d.meta["splits"]["train"]["shards"] > 2 and d.dtype == np.uint16
     assert not set().union(*want["train"]) & {1, 2}  # <|im_start|>/<|im_end|> ids never come from data
     assert load_tokenizer(d.tokenizer_dir).get_vocab() == load_tokenizer(tokenizer_dir).get_vocab()
+    # the same fingerprint whether the tokenizer is read by transformers or by tokenizers alone
+    assert d.meta["tokenizer_sha256"] == tokenizer_fingerprint(load_tokenizer(tokenizer_dir))
     assert d.meta["splits"]["train"]["bytes"] == sum(
         len(t.encode()) for t in iter_texts([inputs]) if not tk.is_validation(t, 0.2))
 
