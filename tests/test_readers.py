@@ -107,7 +107,7 @@ def test_strict_names_file_and_line(tmp_path, line, expected):
 
 def test_invalid_utf8_is_counted_per_line_in_txt_and_csv(tmp_path):
     txt = tmp_path / "a.txt"
-    txt.write_bytes("第一行\n".encode() + b"bad \xc3\x28 line\n" + "第三行\n".encode())
+    txt.write_bytes("第一行\n".encode() + b"bad \xc3\x28 line\n" + "第三行\n\n \n".encode())
     stats = ReadStats()
     assert list(iter_texts(txt, stats=stats)) == ["第一行", "第三行"]
     assert stats.bad == {"invalid_utf8": 1} and stats.examples[0].startswith(f"{txt}:2: invalid_utf8")

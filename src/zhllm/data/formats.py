@@ -113,7 +113,7 @@ def _txt_records(path: Path, gz: bool, strict: bool, stats: ReadStats, txt_mode:
     lines = _decoded_lines(path, gz, strict, stats, part)
     if txt_mode == "line":
         for line_no, text in lines:
-            if text is not None:
+            if text is not None and text.strip():  # blank lines are layout, as in jsonl
                 yield Record({"text": text}, path, line_no)
         return
     # Paragraph mode: blank lines separate documents; a paragraph with an undecodable line is dropped whole
