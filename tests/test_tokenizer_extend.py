@@ -87,7 +87,8 @@ def test_extend_sentencepiece_backend(tmp_path, corpus):
     report = extend_tokenizer(base, [str(new_data)], 10, tmp_path / "ext", show_progress=False)
     old, new = load_tokenizer(base), load_tokenizer(tmp_path / "ext")
     assert report.added == 10 and len(new) == len(old) + 10
-    assert all(new.get_vocab()[t] == i for t, i in old.get_vocab().items())
+    new_vocab = new.get_vocab()
+    assert all(new_vocab[t] == i for t, i in old.get_vocab().items())
     assert new.decode(encode_text(new, NEW_DOMAIN[1])) == NEW_DOMAIN[1]
     assert len(encode_text(new, NEW_DOMAIN[1])) < len(encode_text(old, NEW_DOMAIN[1]))
 
@@ -172,5 +173,6 @@ def test_extend_real_minimind(tmp_path):
     report = extend_tokenizer(base, [str(src)], 50, tmp_path / "tok", max_chars=50_000, show_progress=False)
     old, new = load_tokenizer(base), load_tokenizer(tmp_path / "tok")
     assert report.added == 50 and len(new) == len(old) + 50
-    assert all(new.get_vocab()[t] == i for t, i in old.get_vocab().items())
+    new_vocab = new.get_vocab()
+    assert all(new_vocab[t] == i for t, i in old.get_vocab().items())
     assert report.tokens_after < report.tokens_before

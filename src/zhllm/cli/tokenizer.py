@@ -20,8 +20,9 @@ def register(root, groups) -> None:
     _input_args(p)
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including special tokens")
     p.add_argument("--out", required=True, help="output tokenizer directory")
-    p.add_argument("--max-chars", type=int, default=100_000_000,
-                   help="characters sampled for training; bounds memory (default 100M)")
+    p.add_argument("--max-chars", type=int, default=10_000_000,
+                   help="characters sampled for training, spread over the whole input; bounds memory: the bpe "
+                        "backend needs about 0.25 GB of RAM per million Chinese characters (default 10M)")
     p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe",
                    help="bpe: byte-level BPE with `tokenizers` (default); sentencepiece: SentencePiece BPE "
                         "with byte fallback, saved in the same HF format")
@@ -38,8 +39,8 @@ def register(root, groups) -> None:
     _input_args(p)
     p.add_argument("--add", type=int, required=True, help="number of new tokens")
     p.add_argument("--out", required=True, help="output tokenizer directory")
-    p.add_argument("--max-chars", type=int, default=20_000_000,
-                   help="characters sampled to learn the new tokens (default 20M)")
+    p.add_argument("--max-chars", type=int, default=5_000_000,
+                   help="characters sampled to learn the new tokens (default 5M)")
     p.add_argument("--model", default=None, help="checkpoint using the base tokenizer, to resize")
     p.add_argument("--model-out", default=None, help="where to write the resized checkpoint")
     p.set_defaults(func=lambda a: extend_command(a.base, a.input, a.add, a.out, a.max_chars, a.field, a.seed,

@@ -25,6 +25,9 @@ class ResizeReport:
     new_rows: int
     initialised: int
 
+    def __str__(self) -> str:
+        return self.table()
+
     def table(self) -> str:
         return (f"embeddings  {self.old_rows:,} -> {self.new_rows:,} rows\n"
                 f"new tokens  {self.initialised:,} initialised from old pieces\noutput      {self.out_dir}")

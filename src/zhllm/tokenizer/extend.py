@@ -42,6 +42,9 @@ class ExtendReport:
     seconds: float
     examples: list[str]
 
+    def __str__(self) -> str:
+        return self.table()
+
     def table(self) -> str:
         rows = [("output", str(self.out_dir)), ("vocab", f"{self.old_size:,} -> {self.new_size:,}"),
                 ("new tokens", f"{self.added:,} (ids from {self.first_new_id:,})"),
@@ -53,7 +56,7 @@ class ExtendReport:
 
 
 def extend_tokenizer(base_dir: str | Path, inputs: list[str], add: int, out_dir: str | Path,
-                     max_chars: int = 20_000_000, field: str | None = None, seed: int = 0,
+                     max_chars: int = 5_000_000, field: str | None = None, seed: int = 0,
                      strict: bool = False, show_progress: bool = True) -> ExtendReport:
     """`zhllm tokenizer extend`: learn up to `add` new tokens on `inputs` and save the extended tokenizer."""
     if add <= 0:

@@ -113,6 +113,9 @@ class TrainReport:
     seconds: float
     read_summary: str = ""
 
+    def __str__(self) -> str:
+        return self.table()
+
     def table(self) -> str:
         rows = [("output", str(self.out_dir)), ("backend", self.backend), ("vocab size", f"{self.vocab_size:,}"),
                 ("input", self.read_summary),
@@ -124,10 +127,14 @@ class TrainReport:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max_chars: int = 100_000_000,
+def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max_chars: int = 10_000_000,
                     field: str | None = None, backend: str = "bpe", num_reserved: int = 13, seed: int = 0,
                     strict: bool = False, show_progress: bool = True) -> TrainReport:
-    """`zhllm tokenizer train`: stream `inputs`, sample at most `max_chars`, train, save an HF directory."""
+    """`zhllm tokenizer train`: stream `inputs`, sample at most `max_chars`, train, save an HF directory.
+
+    Memory is set by `max_chars`, not by the input size: `tokenizers`' BPE trainer keeps every distinct
+    pre-token as per-byte symbols, about 0.25 GB per million Chinese characters (measured in
+    benchmarks/bench_tokenizer_train.py); SentencePiece needs far less."""
     from ..data.readers import ReadStats
     from .encode import encode_batch_texts
     from .sample import sample_texts
