@@ -1,5 +1,7 @@
 """`zhllm data tokenize`: exact contents, worker-independent bytes, resume, stable val split, K-way parts."""
 import json
+import multiprocessing
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -105,6 +107,29 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(tmp_path, inputs, to
     assert file_bytes(out) == file_bytes(clean)
     again = tk.tokenize_corpus([str(inputs)], tokenizer_dir, out, val_fraction=0.1, workers=workers, **SMALL)
     assert again.units_done == 0 and file_bytes(out) == file_bytes(clean)
+
+
+_REAL_TOKENIZE_UNIT = tk.tokenize_unit
+
+
+def _die_on_marked_unit(texts):
+    """Stands in for tokenize_unit in a forked worker: the process vanishes as if OOM-killed."""
+    if any("第150条" in t for t in texts):
+        os._exit(9)
+    return _REAL_TOKENIZE_UNIT(texts)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork workers")
+def test_killed_worker_is_a_clear_error_and_the_rerun_completes(tmp_path, inputs, tokenizer_dir, monkeypatch):
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    tk.tokenize_corpus([str(inputs)], tokenizer_dir, clean, val_fraction=0.1, workers=1, **SMALL)
+    monkeypatch.setattr(tk, "tokenize_unit", _die_on_marked_unit)
+    with pytest.raises(ZhllmError, match="worker process died"):
+        tk.tokenize_corpus([str(inputs)], tokenizer_dir, out, val_fraction=0.1, workers=2, **SMALL)
+    assert list(out.glob("done-*")) and not (out / "meta.json").exists()
+    monkeypatch.setattr(tk, "tokenize_unit", _REAL_TOKENIZE_UNIT)
+    tk.tokenize_corpus([str(inputs)], tokenizer_dir, out, val_fraction=0.1, workers=2, **SMALL)
+    assert file_bytes(out) == file_bytes(clean)
 
 
 def test_val_split_is_a_stable_hash_of_the_text(docs):
