@@ -5,16 +5,19 @@ Public API (everything else is importable from its module):
     load_tokenizer(path)                        AutoTokenizer.from_pretrained with clear errors
     generate(model, tokenizer, prompt_or_messages, **sampling) -> str
     stream_generate(...)                        yields text pieces as they are decoded
+Heavy modules (torch, transformers) load on first use, so `zhllm data ... --help` and worker processes
+start fast.
 """
 from .errors import ConfigError, ZhllmError
-from .model.io import load_model, save_model
-from .tokenizer.load import load_tokenizer
 
 __all__ = ["load_model", "save_model", "load_tokenizer", "generate", "stream_generate", "ZhllmError", "ConfigError"]
 
+_LAZY = {"load_model": "model.io", "save_model": "model.io", "load_tokenizer": "tokenizer.load",
+         "generate": "infer.generate", "stream_generate": "infer.generate"}
+
 
 def __getattr__(name):
-    if name in ("generate", "stream_generate"):
-        from .infer import generate as _g
-        return getattr(_g, name)
-    raise AttributeError(name)
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'zhllm' has no attribute {name!r}")
