@@ -138,6 +138,7 @@ def test_mixing_weights_are_respected_and_random_access_is_consistent(tmp_path):
     for i in (n - 1, 17, MIX_BLOCK + 3):
         assert np.array_equal(fresh.window(i), ds.window(i))
     only_b = PackedTokenDataset(dirs, seq_len=8, weights=[0, 1])
+    assert len(only_b) == len(PackedTokenDataset(dirs[1:], seq_len=8))
     assert all((only_b.window(i)[only_b.window(i) != EOS] >= 200).all() for i in range(50))
 
 

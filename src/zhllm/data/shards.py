@@ -275,7 +275,7 @@ class PackedTokenDataset:
 
     Without `weights` the directories are concatenated and each epoch visits every window exactly once.
     With `weights`, each directory is its own source with its own epochs, and a seeded schedule draws
-    from them in those proportions (len(self) is then the sum of the sources' windows).
+    from them in those proportions (len(self) is then the windows of the sources with weight > 0).
     """
 
     def __init__(self, paths: Sequence[str | Path] | str | Path, seq_len: int, split: str = "train",
@@ -298,6 +298,7 @@ class PackedTokenDataset:
             streams = [_TokenStream([d], split) for d in self.dirs]
             self._schedule = MixSchedule(weights, self.seed)
         self._sources = [_WindowSource(st, self.seq_len, (self.seed, n), shuffle) for n, st in enumerate(streams)]
+        self._weights = weights or [1.0]
         self._streams = streams
         for n, src in enumerate(self._sources):
             if src.num_windows < 1 and (weights is None or weights[n] > 0):
@@ -306,7 +307,7 @@ class PackedTokenDataset:
                                  f"({len(src.stream)} tokens)")
 
     def __len__(self) -> int:
-        return sum(src.num_windows for src in self._sources)
+        return sum(src.num_windows for src, w in zip(self._sources, self._weights) if w > 0)
 
     def window(self, i: int) -> np.ndarray:
         if i < 0:
