@@ -2,6 +2,7 @@
 import json
 import multiprocessing
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -155,6 +156,16 @@ def test_k_way_parts_cover_every_document_once(tmp_path, inputs, tokenizer_dir):
         assert Counter(map(tuple, read_docs(d, split))) == Counter(map(tuple, want[split]))
     assert any(n.startswith("train-001of003-") for n in (s["name"] for s in d.meta["shards"]))
     assert PackedTokenDataset([out], seq_len=16).num_tokens == d.meta["splits"]["train"]["tokens"]
+
+    # machines without a shared disk: each part in its own directory, copied together, any part rerun
+    merged = tmp_path / "merged"
+    for i in range(K):
+        tk.tokenize_corpus([str(inputs)], tokenizer_dir, tmp_path / f"m{i}", val_fraction=0.1, workers=1,
+                           num_shards=K, shard_index=i, **SMALL)
+        shutil.copytree(tmp_path / f"m{i}", merged, dirs_exist_ok=True)
+    assert tk.tokenize_corpus([str(inputs)], tokenizer_dir, merged, val_fraction=0.1, workers=1,
+                              num_shards=K, shard_index=0, **SMALL).complete
+    assert file_bytes(merged) == file_bytes(out)
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path, inputs, tokenizer_dir):
