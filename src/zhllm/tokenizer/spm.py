@@ -13,6 +13,7 @@ result encodes exactly like SentencePiece on our tests and on 499/500 real docum
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Iterator
 
 from ..errors import ZhllmError
@@ -51,8 +52,13 @@ def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, num_reserve
             bos_id=-1, eos_id=-1, pad_id=-1, max_sentence_length=4 * MAX_SENTENCE_CHARS,
             num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
-        msg = str(e).splitlines()[-1]
-        raise ZhllmError(f"sentencepiece training failed: {msg.split('] ')[-1]}") from None
+        msg = str(e).splitlines()[-1].split("] ")[-1]
+        too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+        if too_small:
+            raise ZhllmError(f"vocab size {vocab_size} is smaller than the {too_small.group(2)} pieces SentencePiece "
+                             f"needs for the characters of this corpus (coverage {character_coverage}); use a "
+                             "larger --vocab-size or the bpe backend") from None
+        raise ZhllmError(f"sentencepiece training failed: {msg}") from None
     return model.getvalue()
 
 
