@@ -174,3 +174,13 @@ def test_train_on_real_prose(tmp_path):
     text = json.loads(src.open(encoding="utf-8").readline())["text"]
     assert tok.decode(encode_text(tok, text)) == text
     assert report.heldout_chars_per_token > 1.0  # raw bytes would give ~0.4: characters and words were learnt
+
+
+@pytest.mark.parametrize("backend", ["bpe", "sentencepiece"])
+def test_training_is_deterministic(tmp_path, corpus, backend):
+    data = write_jsonl(tmp_path / "c.jsonl", [f"{i}：{t}" for i, t in enumerate(corpus)])
+    outs = [train_tokenizer([str(data)], tmp_path / f"t{i}", vocab_size=500, max_chars=3000, seed=seed,
+                            backend=backend, show_progress=False).out_dir for i, seed in enumerate([7, 7, 8])]
+    files = [(o / "tokenizer.json").read_bytes() for o in outs]
+    assert files[0] == files[1]
+    assert files[0] != files[2]  # another seed samples other documents
