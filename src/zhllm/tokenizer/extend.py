@@ -41,13 +41,15 @@ class ExtendReport:
     tokens_after: int
     seconds: float
     examples: list[str]
+    requested: int = 0
 
     def __str__(self) -> str:
         return self.table()
 
     def table(self) -> str:
         rows = [("output", str(self.out_dir)), ("vocab", f"{self.old_size:,} -> {self.new_size:,}"),
-                ("new tokens", f"{self.added:,} (ids from {self.first_new_id:,})"),
+                ("new tokens", f"{self.added:,} (ids from {self.first_new_id:,})" + (
+                    f"; the corpus offered only these, not {self.requested:,}" if self.added < self.requested else "")),
                 ("held-out chars/token", f"{self.heldout_chars / max(self.tokens_before, 1):.3f} -> "
                                          f"{self.heldout_chars / max(self.tokens_after, 1):.3f}"),
                 ("examples", " ".join(self.examples)), ("time", f"{self.seconds:.1f} s")]
@@ -78,7 +80,7 @@ def extend_tokenizer(base_dir: str | Path, inputs: list[str], add: int, out_dir:
     readable = (hf.convert_tokens_to_string([t]) for t in new_tokens)
     examples = [t for t in readable if "\ufffd" not in t and t.strip()][:12]
     return ExtendReport(Path(out_dir), len(base), len(hf), len(new_tokens), first, sum(map(len, heldout)),
-                        before, after, time.perf_counter() - start, examples)
+                        before, after, time.perf_counter() - start, examples, requested=add)
 
 
 def add_merges(backend, texts: list[str], add: int, show_progress: bool = False):
