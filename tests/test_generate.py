@@ -65,7 +65,7 @@ def test_fused_decode_step_equals_model_forward(arch):
             assert torch.allclose(logits, full[:, t], atol=1e-4)
 
 
-def test_fused_weights_follow_in_place_updates(lively):
+def test_fused_weights_follow_in_place_updates():
     cfg = model_config_from("tiny", {"vocab_size": 64})
     model = new_model(cfg, seed=0).eval()
     before = fused_decoder(model)
@@ -97,7 +97,7 @@ def test_top_k_one_is_greedy_and_seed_reproduces(lively):
     a = generate_ids(model, PROMPTS[:1], max_new_tokens=16, temperature=1.5, seed=7)
     assert a == generate_ids(model, PROMPTS[:1], max_new_tokens=16, temperature=1.5, seed=7)
     others = [generate_ids(model, PROMPTS[:1], max_new_tokens=16, temperature=1.5, seed=s) for s in (8, 9)]
-    assert a not in others or others[0] != others[1]
+    assert len({tuple(x[0]) for x in [a, *others]}) > 1  # the seed matters
 
 
 def test_filters_agree_with_transformers_processors():
