@@ -61,11 +61,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def load_for_inference(path: str | Path, device: str | torch.device = "auto",
                        dtype: str | torch.dtype | None = "auto") -> tuple[Transformer, object]:
     """(model in eval mode, tokenizer) from a checkpoint directory, checked to fit together."""
-    from ..model.io import load_model
+    from ..model.io import TOKENIZER_FILES, load_model
     from ..tokenizer.load import load_tokenizer
 
     dev = resolve_device(device)
     model = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev))
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ZhllmError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+                         "a checkpoint for generation needs its tokenizer")
     tokenizer = load_tokenizer(path)
     check_vocab(model, tokenizer)
     model.generation_eos_ids = _generation_config_eos(Path(path))
