@@ -1,0 +1,140 @@
+"""Training throughput: the zhllm loop step vs transformers' LlamaForCausalLM + torch.optim.AdamW.
+
+Same shapes (default: the 26m preset, seq 512, micro-batch 4, bf16 autocast over fp32 weights), same
+process, runs alternating so machine noise hits both alike. Prints a markdown table with tokens/s, MFU
+against the bf16 matmul peak measured here, and the data-loading share of the zhllm step.
+
+    python benchmarks/bench_train.py [--preset 26m] [--steps 6] [--rounds 3] [--variants]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zhllm.config import from_dict
+from zhllm.model.config import model_config_from
+from zhllm.model.io import new_model
+from zhllm.train.config import RunConfig
+from zhllm.train.metrics import flops_per_token, measure_matmul_peak
+from zhllm.train.objectives import CausalLM
+from zhllm.train.parallel import Dist
+from zhllm.train.trainer import Trainer
+
+
+def synthetic_shards(out: Path, vocab: int, tokens: int) -> Path:
+    """Random documents in the real shard format, so the loop reads through PackedTokenDataset."""
+    from zhllm.data.shards import ShardWriter, build_meta, token_dtype, write_meta
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for split, n in (("train", tokens), ("val", tokens // 20)):
+        lengths = rng.integers(50, 800, n // 300)
+        ids = rng.integers(1, vocab, int(lengths.sum()))
+        ids[np.cumsum(lengths) - 1] = 0
+        with ShardWriter(out, f"{split}-00000", token_dtype(vocab), 0) as w:
+            w.add_documents(ids, lengths, num_bytes=int(lengths.sum()) * 3)
+            entries.append(w.close())
+    write_meta(out, build_meta(vocab, 0, "synthetic", entries))
+    return out
+
+
+def zhllm_trainer(preset: str, seq: int, batch: int, shards: Path, run_dir: Path, **train) -> Trainer:
+    cfg = from_dict(RunConfig, {
+        "model": {"preset": preset}, "data": {"path": [str(shards)]},
+        "train": {"max_steps": 10 ** 6, "batch_size": batch, "seq_len": seq, "precision": "bf16", **train},
+        "eval": {"every": 0}, "checkpoint": {"every": 0},
+        "log": {"tensorboard": False, "progress": False, "plots": False}, "out_dir": str(run_dir)})
+    from zhllm.data.shards import PackedTokenDataset
+    data = PackedTokenDataset([str(shards)], seq, "train")
+    model = new_model(model_config_from(preset, {"vocab_size": data.vocab_size}), seed=0)
+    return Trainer(cfg, CausalLM(), model, data, None, dist=Dist(), echo=lambda *_: None)
+
+
+def time_zhllm(tr: Trainer, steps: int) -> tuple[float, float]:
+    """Seconds per step and data-loading share, over `steps` steps."""
+    total = data = 0.0
+    for _ in range(steps):
+        r = tr.train_step()
+        total += r["step_s"]
+        data += r["data_s"]
+    return total / steps, data / total
+
+
+class HFBaseline:
+    """transformers' Llama with the same config, SDPA attention, bf16 autocast, torch.optim.AdamW."""
+
+    def __init__(self, preset: str, seq: int, batch: int, vocab: int):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = model_config_from(preset, {"vocab_size": vocab})
+        hf = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM._from_config(hf, attn_implementation="sdpa").train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1)
+        self.gen = torch.Generator().manual_seed(0)
+        self.seq, self.batch, self.vocab = seq, batch, vocab
+
+    def step(self) -> float:
+        t = time.perf_counter()
+        ids = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=self.gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = self.model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="26m")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
+    ap.add_argument("--variants", action="store_true", help="also time zhllm loop variants (compile, fp32, foreach)")
+    args = ap.parse_args()
+
+    peak = measure_matmul_peak(torch.bfloat16)
+    cfg = model_config_from(args.preset)
+    fpt = flops_per_token(cfg, args.seq)
+    tokens = args.batch * args.seq
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = synthetic_shards(Path(tmp) / "shards", cfg.vocab_size, tokens * (args.steps + 2) * args.rounds * 8)
+        runs = {"zhllm loop (bf16 autocast, fused AdamW)": zhllm_trainer(args.preset, args.seq, args.batch, shards, Path(tmp) / "a")}
+        if args.variants:
+            runs["zhllm loop, fp32"] = zhllm_trainer(args.preset, args.seq, args.batch, shards, Path(tmp) / "b", precision="fp32")
+            runs["zhllm loop, torch.compile per layer"] = zhllm_trainer(args.preset, args.seq, args.batch, shards, Path(tmp) / "c", compile=True)
+        hf = HFBaseline(args.preset, args.seq, args.batch, cfg.vocab_size)
+        times = {name: [] for name in [*runs, "transformers LlamaForCausalLM + AdamW"]}
+        shares = []
+        for tr in runs.values():  # warm up (first calls pick oneDNN kernels; compile traces here)
+            time_zhllm(tr, 2)
+        hf.step(); hf.step()
+        for _ in range(args.rounds):
+            for name, tr in runs.items():
+                s, share = time_zhllm(tr, args.steps)
+                times[name].append(s)
+                if name.startswith("zhllm loop (bf16"):
+                    shares.append(share)
+            times["transformers LlamaForCausalLM + AdamW"].append(statistics.mean(hf.step() for _ in range(args.steps)))
+    base = statistics.median(times["transformers LlamaForCausalLM + AdamW"])
+    print(f"\n{args.preset} preset, seq {args.seq}, micro-batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; bf16 matmul peak measured: {peak / 1e9:.0f} GFLOP/s; "
+          f"{fpt / 1e6:.1f} MFLOP/token\n")
+    print("| run | s/step | tokens/s | MFU (of bf16 matmul peak) | vs transformers |")
+    print("|---|---|---|---|---|")
+    for name, ts in times.items():
+        s = statistics.median(ts)
+        print(f"| {name} | {s:.3f} | {tokens / s:.0f} | {tokens / s * fpt / peak * 100:.1f}% | {base / s:.2f}x |")
+    print(f"\nzhllm data loading share of step time: {statistics.median(shares) * 100:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
