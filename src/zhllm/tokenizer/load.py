@@ -14,6 +14,6 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise ZhllmError(f"tokenizer directory not found: {path}")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         raise ZhllmError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None

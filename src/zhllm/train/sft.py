@@ -1,0 +1,231 @@
+"""`zhllm sft`: supervised fine-tuning = the shared Trainer + a masked causal-LM objective + chat examples.
+
+Nothing here is a training loop (rule 2): this module types the SFT recipe, turns chat records into a
+deterministic `SFTDataset`, sets up LoRA / freezing / NEFTune on the model, and tells the trainer how to
+write checkpoints of a LoRA model (the merged HF model for chat and evaluation, plus the PEFT adapter in
+`adapter/` for `PeftModel.from_pretrained` and for exact resume).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import yaml
+
+from ..config import load_config, to_dict
+from ..errors import ConfigError, ZhllmError
+from ..fsutil import atomic_write_text
+from . import parallel as par
+from .config import CheckpointSection, EvalSection, LogSection, TrainSection, resolve_recipe
+from .lora import LORA_TARGETS
+from .objectives import LossOutput, token_cross_entropy_sum
+from .state import checkpoint_dirs, resolve_resume
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class SftDataSection:
+    path: list[str] = field(default_factory=list)  # chat files, directories or globs
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_response"] = "auto"
+    max_len: Optional[int] = None     # longest conversation in tokens; default train.seq_len
+    packing: bool = True              # several conversations per row, no attention across them
+    val_fraction: float = 0.02        # held out by a stable hash of each conversation
+    overflow: Literal["truncate", "skip"] = "truncate"  # too long: drop whole earliest turns, or skip
+    strict: bool = False
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    rslora: bool = False
+    qlora: bool = False               # 4-bit base (bitsandbytes, CUDA only)
+
+
+@dataclass
+class FreezeSection:
+    embeddings: bool = False
+    first_layers: int = 0
+
+
+@dataclass
+class SftConfig:
+    model: dict = field(default_factory=dict)   # init_from: DIR (any zhllm or HF Llama/Qwen2 checkpoint)
+    data: SftDataSection = field(default_factory=SftDataSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(max_steps=200, lr=1e-4, warmup_steps=10))
+    eval: EvalSection = field(default_factory=lambda: EvalSection(every=100, batches=8))
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+    neftune_alpha: float = 0.0        # 0 = off; 5 is the NEFTune paper's usual value
+    out_dir: str = "runs/sft"
+
+    def validate(self, source: str) -> "SftConfig":
+        if set(self.model) != {"init_from"}:
+            raise ConfigError(f"{source}: the sft model section takes exactly `init_from: DIR` "
+                              f"(got keys {sorted(self.model) or 'none'})")
+        if not self.data.path:
+            raise ConfigError(f"{source}: data.path must name at least one chat file")
+        if self.train.max_steps is None and self.train.max_tokens is None:
+            raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ConfigError(f"{source}: data.val_fraction must be in [0, 1)")
+        if self.lora.qlora and not self.lora.enabled:
+            raise ConfigError(f"{source}: lora.qlora needs lora.enabled: true")
+        return self
+
+
+def load_sft_config(path: str | Path, overrides: list[str] | None = None) -> tuple[SftConfig, str]:
+    path = resolve_recipe(path, "sft")
+    cfg = load_config(SftConfig, path, overrides)
+    source = str(path) + (" (with --set overrides)" if overrides else "")
+    return cfg.validate(source), source
+
+
+class MaskedCausalLM:
+    """Next-token loss on the tokens whose label is not -100 (assistant replies), for packed or padded rows."""
+
+    name = "sft"
+
+    def weight(self, batch: dict) -> float:
+        return float((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        extra = {k: batch[k] for k in ("segment_ids", "attention_mask") if k in batch}
+        logits = model(batch["input_ids"], **extra)
+        loss = token_cross_entropy_sum(logits[:, :-1], batch["labels"][:, 1:])
+        return LossOutput(loss, self.weight(batch))
+
+
+def _is_val(ids: list[int], fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(torch.tensor(ids, dtype=torch.int64).numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2 ** 64 < fraction
+
+
+def open_sft_data(cfg: SftConfig, tokenizer, log=print):
+    """(train, val or None) SFTDataset from the configured chat files, with the skip/truncation counts logged."""
+    from ..data.chat import SFTStats, encode_records
+    from ..data.readers import ReadStats, iter_records
+    from ..data.sft_batches import SFTDataset
+    d, t = cfg.data, cfg.train
+    max_len = d.max_len or t.seq_len
+    if max_len > t.seq_len:
+        raise ConfigError(f"data.max_len={max_len} exceeds train.seq_len={t.seq_len}")
+    read_stats, stats = ReadStats(), SFTStats()
+    records = iter_records(list(d.path), strict=d.strict, stats=read_stats)
+    examples = encode_records(tokenizer, records, d.format, max_len, d.overflow, d.strict, stats, progress=True)
+    log(f"sft data: {read_stats.summary().splitlines()[0]}")
+    log(f"sft data: {stats.summary() if hasattr(stats, 'summary') else stats}")
+    train = [e for e in examples if not _is_val(e[0], d.val_fraction)]
+    val = [e for e in examples if _is_val(e[0], d.val_fraction)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    make = lambda ex, seed: SFTDataset(ex, t.seq_len, packing=d.packing, seed=seed, pad_id=pad)  # noqa: E731
+    return make(train, t.seed), (make(val, t.seed) if val else None)
+
+
+def prepare_model(cfg: SftConfig, resume_dir: Path | None):
+    """Base weights (or a full-FT checkpoint to resume), then LoRA / freezing / NEFTune as configured."""
+    from ..model.io import load_model
+    from .lora import apply_lora, enable_neftune, freeze_params, load_adapter
+    init_from = str(cfg.model["init_from"])
+    full_resume = resume_dir is not None and not cfg.lora.enabled
+    model = load_model(resume_dir if full_resume else init_from, dtype=torch.float32, train=True)
+    if cfg.lora.enabled:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if resume_dir is not None:
+            model = load_adapter(model, resume_dir / ADAPTER_DIR)
+            for n, p in model.named_parameters():
+                p.requires_grad_("lora_" in n)
+        else:
+            lc = cfg.lora
+            model = apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.target, lc.rslora, lc.qlora)
+    if cfg.freeze.embeddings or cfg.freeze.first_layers:
+        freeze_params(model, cfg.freeze.embeddings, cfg.freeze.first_layers)
+    if cfg.neftune_alpha > 0:
+        enable_neftune(model, cfg.neftune_alpha)
+    return model.train()
+
+
+def merged_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain Transformer whose weights are base + LoRA delta; the training model is left untouched."""
+    from peft.tuners.lora import LoraLayer
+
+    from ..model.transformer import Transformer, rope_frequencies
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            state[f"{name}.weight"] = base.weight.detach() + module.get_delta_weight("default").detach()
+            if base.bias is not None:
+                state[f"{name}.bias"] = base.bias.detach()
+    for name, p in model.state_dict().items():
+        if "lora_" in name or ".base_layer." in name:
+            continue
+        state.setdefault(name, p.detach())
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    plain.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    plain.inv_freq = rope_frequencies(model.config)[0]
+    return plain
+
+
+def lora_checkpoint_hooks(base_dir: str):
+    """(export, extra_writer) for the trainer: write the merged model, and the adapter under adapter/."""
+    from .lora import save_adapter
+
+    def extra(model: torch.nn.Module, tmp: Path) -> None:
+        save_adapter(model, tmp / ADAPTER_DIR, base_model_dir=base_dir)
+
+    return merged_model, extra
+
+
+def run_sft(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> dict:
+    """Fine-tune from a recipe; returns the run summary. Works under torchrun like pretraining."""
+    from ..tokenizer.load import load_tokenizer
+    from .trainer import Trainer
+    cfg, source = load_sft_config(config, overrides)
+    t = cfg.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    ckpt_root = Path(cfg.out_dir) / "checkpoints"
+    resume_dir = resolve_resume(resume, ckpt_root)
+    if resume is None and checkpoint_dirs(ckpt_root):
+        raise ZhllmError(f"{cfg.out_dir} already holds checkpoints; pass --resume auto to continue, "
+                         "or choose another out_dir")
+    init_from = str(cfg.model["init_from"])
+    tokenizer = load_tokenizer(init_from)
+    d = par.init_distributed(t.device)
+    try:
+        echo = print if d.is_main else (lambda *_: None)
+        train, val = open_sft_data(cfg, tokenizer, log=echo)
+        model = prepare_model(cfg, resume_dir)
+        if len(tokenizer) > model.config.vocab_size:
+            raise ZhllmError(f"{init_from}: tokenizer has {len(tokenizer)} tokens, the model only "
+                             f"{model.config.vocab_size}")
+        if t.seq_len > model.config.max_seq_len:
+            raise ConfigError(f"{source}: train.seq_len={t.seq_len} exceeds the model's max_seq_len="
+                              f"{model.config.max_seq_len}")
+        if d.is_main:
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(cfg.out_dir) / "config.yaml",
+                              yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
+        hooks = lora_checkpoint_hooks(init_from) if cfg.lora.enabled else (None, None)
+        trainer = Trainer(cfg, MaskedCausalLM(), model, train, val, tokenizer_dir=init_from,
+                          resume_dir=resume_dir, dist=d, export_model=hooks[0], checkpoint_extra=hooks[1])
+        return trainer.fit()
+    finally:
+        par.shutdown(d)
