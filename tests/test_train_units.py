@@ -247,3 +247,11 @@ def test_flops_per_token_counts_matmuls():
     n = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.dim
     assert flops_per_token(cfg, 512) == 6 * n + 12 * cfg.n_layers * cfg.dim * 512
     assert math.isclose(flops_per_token(cfg, 512) / 6 / 26e6, 1.0, rel_tol=0.35)
+
+
+def test_fp16_runs_with_grad_scaler(tmp_path):
+    tr = make_trainer(tmp_path, precision="fp16", max_steps=3)
+    assert tr.scaler is not None
+    losses = [tr.train_step()["loss"] for _ in range(3)]
+    assert all(math.isfinite(x) for x in losses)
+    assert tr.state.step == 3

@@ -149,20 +149,39 @@ def full_optimizer_state(model: nn.Module, optimizer, d: Dist) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.consolidate_state_dict(to=0)
-        return {"zero1": optimizer.state_dict() if d.is_main else {}}
+        return _indices_to_names(model, optimizer.state_dict()) if d.is_main else {}
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_full(model: nn.Module, optimizer, optim_sd: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from torch.distributed.optim import ZeroRedundancyOptimizer
-    if isinstance(optimizer, ZeroRedundancyOptimizer) or "zero1" in optim_sd:
-        if not (isinstance(optimizer, ZeroRedundancyOptimizer) and "zero1" in optim_sd):
-            raise ZhllmError("this checkpoint's optimizer state was saved with train.zero1="
-                             f"{'zero1' in optim_sd}; resume with the same setting")
-        optimizer.load_state_dict(optim_sd["zero1"])
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.load_state_dict(_names_to_indices(model, optim_sd))
         return
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def _param_order(model: nn.Module) -> list[str]:
+    """Parameter names in the order the optimizer groups hold them (see optim.parameter_groups)."""
+    from .optim import parameter_groups
+    inner = getattr(model, "module", model)
+    names = {id(p): n for n, p in inner.named_parameters()}
+    return [names[id(p)] for g in parameter_groups(inner, 0.0) for p in g["params"]]
+
+
+def _indices_to_names(model: nn.Module, sd: dict) -> dict:
+    """ZeRO's consolidated state (keyed by position) in the name-keyed layout of get_optimizer_state_dict,
+    so ZeRO checkpoints resume without ZeRO, on any number of processes, and the other way round."""
+    order = _param_order(model)
+    return {"state": {order[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def _names_to_indices(model: nn.Module, sd: dict) -> dict:
+    index = {n: i for i, n in enumerate(_param_order(model))}
+    return {"state": {index[n]: v for n, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
 
 
 @contextmanager
