@@ -12,7 +12,7 @@ from conftest import shared_data
 from zhllm.cli import main
 from zhllm.data.chat import (IGNORE, SFTStats, encode_conversation, encode_records, iter_conversations,
                              normalize_record)
-from zhllm.data.sft_batches import PAD_SEGMENT, SFTDataset, pack_first_fit
+from zhllm.data.sft_batches import PAD_SEGMENT, SFTDataset, pack_best_fit
 from zhllm.errors import ZhllmError
 from zhllm.tokenizer.load import load_tokenizer
 
@@ -171,6 +171,23 @@ def test_truncation_drops_whole_earliest_turns_and_keeps_system(tok):
     assert encode_records(tok, recs, max_len=5, stats=stats) == [] and stats.skipped["too long"] == 2
 
 
+@pytest.mark.parametrize("system", [True, False])
+def test_truncation_keeps_as_many_recent_turns_as_fit(any_tok, system):
+    """The shortcut (drop hopeless turns, jump by token positions) equals dropping one exchange at a time."""
+    from zhllm.data.chat import render_with_labels
+    msgs = _long_chat(6, system=system)
+    first = int(system)
+    lengths = [len(render_with_labels(any_tok, msgs[:first] + msgs[first + 2 * k:])[0]) for k in range(6)]
+    for max_len in sorted({n + d for n in lengths for d in (-1, 0, 1)}):
+        expected = next((k for k in range(6) if lengths[k] <= max_len), None)
+        if expected is None:
+            with pytest.raises(Exception, match="too long"):
+                encode_conversation(any_tok, msgs, max_len=max_len)
+            continue
+        ids, _ = encode_conversation(any_tok, msgs, max_len=max_len)
+        assert len(ids) == lengths[expected], (max_len, expected)
+
+
 def test_bad_records_are_counted_with_file_and_line(tok):
     good = RECORDS["messages"]
     bad = {
@@ -203,15 +220,15 @@ def test_unanswered_last_user_turn_is_dropped_and_counted():
 
 # ---------------------------------------------------------------- batching
 
-def test_first_fit_decreasing_is_deterministic_and_within_capacity():
+def test_best_fit_decreasing_is_deterministic_and_within_capacity():
     lengths = [7, 3, 9, 2, 5, 5, 1, 8]
-    bins = pack_first_fit(lengths, 10)
-    assert bins == pack_first_fit(lengths, 10)
+    bins = pack_best_fit(lengths, 10)
+    assert bins == pack_best_fit(lengths, 10)
     assert sorted(i for b in bins for i in b) == list(range(8))
     assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
     assert bins == [[2, 6], [3, 7], [0, 1], [4, 5]]  # 9+1, 8+2, 7+3, 5+5: longest first, gaps filled by the short
     with pytest.raises(ZhllmError, match="longer than the packed row"):
-        pack_first_fit([11], 10)
+        pack_best_fit([11], 10)
 
 
 def _examples(tok, n=6):

@@ -172,6 +172,13 @@ def end_of_turn_ids(tokenizer) -> set[int]:
 
 def render_with_labels(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for a validated conversation, with no length limit."""
+    ids, labels, _ = _render_with_reply_ends(tokenizer, messages)
+    return ids, labels
+
+
+def _render_with_reply_ends(tokenizer, messages: list[Message]) -> tuple[list[int], list[int], list[int]]:
+    """(input_ids, labels, token index just after each assistant reply's end-of-turn token)."""
+    ends = []
     ids = _render_ids(tokenizer, messages)
     labels = [IGNORE] * len(ids)
     eot = end_of_turn_ids(tokenizer)
@@ -189,7 +196,8 @@ def render_with_labels(tokenizer, messages: list[Message]) -> tuple[list[int], l
         if end is None:
             raise ZhllmError("the tokenizer's chat template does not close assistant turns with <|im_end|> or EOS")
         labels[start:end] = ids[start:end]
-    return ids, labels
+        ends.append(end)
+    return ids, labels, ends
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -211,14 +219,44 @@ def fit_conversation(tokenizer, messages: list[Message], max_len: int | None,
         raise ZhllmError(f"overflow must be 'truncate' or 'skip', not {overflow!r}")
     first = 1 if messages[0]["role"] == "system" else 0
     dropped = 0
+    if max_len is not None:
+        messages, dropped = _drop_hopeless_turns(tokenizer, messages, first, max_len)
+        if dropped and overflow == "skip":
+            raise BadRecord("too long")
     while True:
-        ids, labels = render_with_labels(tokenizer, messages)
+        ids, labels, ends = _render_with_reply_ends(tokenizer, messages)
         if max_len is None or len(ids) <= max_len:
             return ids, labels, dropped
         if overflow == "skip" or len(messages) - first <= 2:
             raise BadRecord("too long")
-        messages = messages[:first] + messages[first + 2:]
-        dropped += 1
+        # Re-rendering after every single drop is quadratic in turns; instead jump to the fewest drops that
+        # should fit by this render's token positions (exact for ChatML); the loop re-renders and re-checks,
+        # so a wrong estimate costs one more round, never a wrong result.
+        head = len(_render_ids(tokenizer, messages[:first])) if first else 0
+        gap = len(_render_ids(tokenizer, messages[:first + 2])) - ends[0]  # the "\n" between turns
+        n = 1
+        while n < len(ends) - 1 and head + len(ids) - (ends[n - 1] + gap) > max_len:
+            n += 1
+        messages = messages[:first] + messages[first + 2 * n:]
+        dropped += n
+
+
+def _drop_hopeless_turns(tokenizer, messages: list[Message], first: int, max_len: int) -> tuple[list[Message], int]:
+    """Drop the earliest exchanges that cannot fit whatever the template adds, before any rendering.
+
+    Contents encoded alone lower-bound their rendered length (a boundary merge saves at most one token per
+    message), so a 300-turn chat costs one batch encode here instead of hundreds of prefix renders.
+    """
+    lengths = [max(len(x) - 1, 0) for x in tokenizer([m["content"] for m in messages], add_special_tokens=False,
+                                                    split_special_tokens=True)["input_ids"]]
+    total, keep = sum(lengths[:first]), 0
+    for end in range(len(messages), first, -2):
+        cost = lengths[end - 2] + lengths[end - 1]
+        if keep and total + cost > max_len:
+            break
+        total, keep = total + cost, keep + 1
+    pairs = (len(messages) - first) // 2
+    return messages[:first] + messages[len(messages) - 2 * keep:], pairs - keep
 
 
 def encode_conversation(tokenizer, messages: list[Message], max_len: int | None = None,
