@@ -255,3 +255,25 @@ def test_fp16_runs_with_grad_scaler(tmp_path):
     losses = [tr.train_step()["loss"] for _ in range(3)]
     assert all(math.isfinite(x) for x in losses)
     assert tr.state.step == 3
+
+
+def test_bf16_weights_with_fp32_masters_resume_exactly(tmp_path):
+    from zhllm.model.io import load_model
+    from zhllm.train.metrics import read_metrics
+    a = make_trainer(tmp_path / "a", bf16_weights=True, precision="bf16", max_steps=6)
+    assert next(a.model.parameters()).dtype == torch.bfloat16
+    a.fit()
+    b = make_trainer(tmp_path / "b", SignalAt(3), bf16_weights=True, precision="bf16", max_steps=6)
+    b.cfg.eval.every = 0
+    b.fit()
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step_3"
+    cfg = tiny_run(tmp_path / "b", bf16_weights=True, precision="bf16", max_steps=6)
+    data = RandomWindows(16)
+    resumed = Trainer(cfg, CausalLM(), load_model(ckpt, dtype=torch.float32, train=True), data, data,
+                      resume_dir=ckpt, dist=Dist(), echo=lambda *_: None)
+    resumed.fit()
+    loss = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if r["kind"] == "train"}
+    assert loss(tmp_path / "a" / "run") == loss(tmp_path / "b" / "run")
+    assert torch.equal(a.master.master[0], resumed.master.master[0])
+    saved = load_model(tmp_path / "a" / "run" / "checkpoints" / "step_6")
+    assert next(saved.parameters()).dtype == torch.float32  # checkpoints hold the fp32 masters

@@ -142,21 +142,24 @@ def full_model_state(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(model: nn.Module, optimizer, d: Dist) -> dict:
+def full_optimizer_state(model: nn.Module, optimizer, d: Dist, positional: bool = False) -> dict:
     """Unsharded optimizer state keyed by parameter name, so a checkpoint resumes on any number of
-    processes. Collective under DDP+ZeRO and FSDP: every rank must call it."""
+    processes. Collective under DDP+ZeRO and FSDP: every rank must call it. `positional`: the optimizer
+    holds copies of the model's parameters (bf16 master weights), in parameter-group order."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     from torch.distributed.optim import ZeroRedundancyOptimizer
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.consolidate_state_dict(to=0)
         return _indices_to_names(model, optimizer.state_dict()) if d.is_main else {}
+    if positional:
+        return _indices_to_names(model, optimizer.state_dict())
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_full(model: nn.Module, optimizer, optim_sd: dict) -> None:
+def load_optimizer_full(model: nn.Module, optimizer, optim_sd: dict, positional: bool = False) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from torch.distributed.optim import ZeroRedundancyOptimizer
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if isinstance(optimizer, ZeroRedundancyOptimizer) or positional:
         optimizer.load_state_dict(_names_to_indices(model, optim_sd))
         return
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))

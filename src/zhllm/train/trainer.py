@@ -20,6 +20,7 @@ from ..errors import ZhllmError
 from . import parallel as par
 from .config import RunConfig
 from .evaluate import evaluate_loss, greedy_samples
+from .master import MasterWeights
 from .metrics import MetricsLogger, flops_per_token, memory_gb, peak_flops, plot_run, train_line
 from .objectives import Objective
 from .optim import build_optimizer, lr_at, parameter_groups, set_lr
@@ -46,6 +47,7 @@ class Trainer:
         t = cfg.train
         self.model = model.to(self.d.device)  # fp32 master weights; bf16 comes from autocast / FSDP policy
         self.model.train()
+        self.master = MasterWeights(self.model) if t.bf16_weights else None
         if t.activation_checkpointing:
             par.apply_activation_checkpointing(self.model)
         if t.compile:
@@ -67,6 +69,8 @@ class Trainer:
     def _build_optimizer(self):
         t = self.cfg.train
         groups = parameter_groups(self.model, t.weight_decay)
+        if self.master is not None:
+            groups = self.master.groups_for(groups)
         if t.zero1 and self.d.enabled and t.parallel == "ddp":
             from torch.distributed.optim import ZeroRedundancyOptimizer
             return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=t.lr,
@@ -75,7 +79,7 @@ class Trainer:
 
     def _autocast(self):
         t = self.cfg.train
-        if t.precision == "fp32" or (self.fsdp and t.precision == "bf16"):
+        if t.precision == "fp32" or t.bf16_weights or (self.fsdp and t.precision == "bf16"):
             return nullcontext()  # FSDP's MixedPrecisionPolicy already computes in bf16
         dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
         return torch.autocast(self.d.device.type, dtype=dtype)
@@ -83,7 +87,7 @@ class Trainer:
     def _resume(self, ckpt: Path) -> None:
         self.state = load_trainer_state(ckpt)
         optim_sd = load_optimizer_state(ckpt)
-        par.load_optimizer_full(self.wrapped, self.optimizer, optim_sd)
+        par.load_optimizer_full(self.wrapped, self.optimizer, optim_sd, positional=self.master is not None)
         restore_rng(self.state.rng)
         self.echo(f"resumed from {ckpt} at step {self.state.step} (data position {self.state.data_position})")
 
@@ -112,7 +116,10 @@ class Trainer:
             loss_total += out.loss_sum.detach().float()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        if self.master is not None:
+            self.master.grads_to_master()
+        params = self.master.master if self.master is not None else self.model.parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         loss_value = par.all_reduce_sum(self.d, [float(loss_total)])[0] / global_weight
@@ -127,6 +134,8 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
+            if self.master is not None:
+                self.master.master_to_model()
             self.consecutive_nonfinite = 0
         else:
             self.state.skipped_steps += 1
@@ -163,8 +172,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Collective: gathers full state on every rank, rank 0 writes, all wait at a barrier."""
-        optim_sd = par.full_optimizer_state(self.wrapped, self.optimizer, self.d)
-        model_sd = par.full_model_state(self.wrapped) if self.fsdp else None
+        optim_sd = par.full_optimizer_state(self.wrapped, self.optimizer, self.d, positional=self.master is not None)
+        model_sd = par.full_model_state(self.wrapped) if self.fsdp else \
+            self.master.state_dict() if self.master is not None else None
         path = None
         if self.d.is_main:
             source = self.model if model_sd is None else _model_from_state(self.model.config, model_sd)
