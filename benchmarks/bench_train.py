@@ -98,7 +98,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
-    ap.add_argument("--variants", action="store_true", help="also time zhllm loop variants (compile, fp32, foreach)")
+    ap.add_argument("--variants", action="store_true", help="also time zhllm loop variants (bf16 weights, fp32)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile per layer (slow to compile)")
     args = ap.parse_args()
 
     peak = measure_matmul_peak(torch.bfloat16)
@@ -109,30 +110,46 @@ def main() -> None:
         shards = synthetic_shards(Path(tmp) / "shards", cfg.vocab_size, tokens * (args.steps + 2) * args.rounds * 8)
         runs = {"zhllm loop (bf16 autocast, fused AdamW)": zhllm_trainer(args.preset, args.seq, args.batch, shards, Path(tmp) / "a")}
         if args.variants:
-            runs["zhllm loop, fp32"] = zhllm_trainer(args.preset, args.seq, args.batch, shards, Path(tmp) / "b", precision="fp32")
-            runs["zhllm loop, torch.compile per layer"] = zhllm_trainer(args.preset, args.seq, args.batch, shards, Path(tmp) / "c", compile=True)
+            runs["zhllm loop, bf16 weights + fp32 masters"] = zhllm_trainer(
+                args.preset, args.seq, args.batch, shards, Path(tmp) / "b", bf16_weights=True)
+            runs["zhllm loop, fp32"] = zhllm_trainer(args.preset, args.seq, args.batch, shards, Path(tmp) / "c",
+                                                     precision="fp32")
+        if args.compile:
+            runs["zhllm loop, torch.compile per layer"] = zhllm_trainer(args.preset, args.seq, args.batch, shards,
+                                                                        Path(tmp) / "d", compile=True)
         hf = HFBaseline(args.preset, args.seq, args.batch, cfg.vocab_size)
         times = {name: [] for name in [*runs, "transformers LlamaForCausalLM + AdamW"]}
+        cpu = {name: [] for name in times}
         shares = []
         for tr in runs.values():  # warm up (first calls pick oneDNN kernels; compile traces here)
             time_zhllm(tr, 2)
         hf.step(); hf.step()
         for _ in range(args.rounds):
             for name, tr in runs.items():
+                c0 = time.process_time()
                 s, share = time_zhllm(tr, args.steps)
+                cpu[name].append((time.process_time() - c0) / args.steps)
                 times[name].append(s)
                 if name.startswith("zhllm loop (bf16"):
                     shares.append(share)
+            c0 = time.process_time()
             times["transformers LlamaForCausalLM + AdamW"].append(statistics.mean(hf.step() for _ in range(args.steps)))
+            cpu["transformers LlamaForCausalLM + AdamW"].append((time.process_time() - c0) / args.steps)
     base = statistics.median(times["transformers LlamaForCausalLM + AdamW"])
+    base_cpu = statistics.median(cpu["transformers LlamaForCausalLM + AdamW"])
+    threads = torch.get_num_threads()
     print(f"\n{args.preset} preset, seq {args.seq}, micro-batch {args.batch}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; bf16 matmul peak measured: {peak / 1e9:.0f} GFLOP/s; "
           f"{fpt / 1e6:.1f} MFLOP/token\n")
-    print("| run | s/step | tokens/s | MFU (of bf16 matmul peak) | vs transformers |")
-    print("|---|---|---|---|---|")
+    print("Wall-clock columns suffer from other processes on a shared machine; the CPU-time columns divide the\n"
+          "process CPU seconds by the thread count, an estimate of the step time on an idle machine.\n")
+    print("| run | s/step (wall) | tokens/s (wall) | MFU (wall) | vs transformers (wall) "
+          "| s/step (CPU/threads) | tokens/s (CPU) | MFU (CPU) | vs transformers (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, ts in times.items():
-        s = statistics.median(ts)
-        print(f"| {name} | {s:.3f} | {tokens / s:.0f} | {tokens / s * fpt / peak * 100:.1f}% | {base / s:.2f}x |")
+        s, c = statistics.median(ts), statistics.median(cpu[name]) / threads
+        print(f"| {name} | {s:.3f} | {tokens / s:.0f} | {tokens / s * fpt / peak * 100:.1f}% | {base / s:.2f}x "
+              f"| {c:.3f} | {tokens / c:.0f} | {tokens / c * fpt / peak * 100:.1f}% | {base_cpu / threads / c:.2f}x |")
     print(f"\nzhllm data loading share of step time: {statistics.median(shares) * 100:.2f}%")
 
 

@@ -111,8 +111,9 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
 
 
 def save_checkpoint_atomic(ckpt_root: Path, state: TrainerState, model, optimizer_state: dict,
-                           tokenizer_dir: str | Path | None, keep: int) -> Path:
-    """Write checkpoints/step_N atomically, move the `latest`/`best` pointers, prune old ones."""
+                           tokenizer_dir: str | Path | None, keep: int, extra_writer=None) -> Path:
+    """Write checkpoints/step_N atomically, move the `latest`/`best` pointers, prune old ones.
+    extra_writer(staging_dir) adds stage-specific files (e.g. a LoRA adapter) before the state is sealed."""
     from ..model.io import save_model
     out = ckpt_root / f"step_{state.step}"
     buf = io.BytesIO()
@@ -120,6 +121,8 @@ def save_checkpoint_atomic(ckpt_root: Path, state: TrainerState, model, optimize
     with atomic_directory(out) as tmp:
         save_model(model, tmp, tokenizer=tokenizer_dir)
         (tmp / OPTIMIZER_FILE).write_bytes(buf.getvalue())
+        if extra_writer is not None:
+            extra_writer(tmp)
         if os.environ.get(FAIL_IN_SAVE_ENV) == str(state.step):
             os._exit(1)
         (tmp / STATE_FILE).write_text(state.to_json())

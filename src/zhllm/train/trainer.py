@@ -13,6 +13,7 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -37,9 +38,14 @@ class NonFiniteError(ZhllmError):
 class Trainer:
     def __init__(self, cfg: RunConfig, objective: Objective, model: torch.nn.Module, train_data, val_data=None,
                  tokenizer_dir: str | Path | None = None, resume_dir: Path | None = None,
-                 dist: par.Dist | None = None, echo=print):
+                 dist: par.Dist | None = None, echo=print,
+                 export_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 checkpoint_extra: Callable[[torch.nn.Module, Path], None] | None = None):
+        """export_model: the plain model a checkpoint saves as its HF directory (e.g. LoRA merged into the
+        base); checkpoint_extra(model, staging_dir): writes more files into a checkpoint before it is sealed."""
         self.cfg, self.objective, self.train_data, self.val_data = cfg, objective, train_data, val_data
         self.tokenizer_dir = tokenizer_dir
+        self.export_model, self.checkpoint_extra = export_model, checkpoint_extra
         self.d = dist or par.init_distributed(cfg.train.device)
         self.echo = echo if self.d.is_main else (lambda *_: None)
         self.run_dir = Path(cfg.out_dir)
@@ -178,12 +184,15 @@ class Trainer:
         path = None
         if self.d.is_main:
             source = self.model if model_sd is None else _model_from_state(self.model.config, model_sd)
+            if self.export_model is not None:
+                source = self.export_model(source)
             if not all(torch.isfinite(p).all() for p in source.state_dict().values()):
                 self.echo(f"step {self.state.step}: weights are not finite, checkpoint NOT written")
             else:
                 self.state.rng = capture_rng()
-                path = save_checkpoint_atomic(self.ckpt_root, self.state, source, optim_sd, self.tokenizer_dir,
-                                              self.cfg.checkpoint.keep)
+                extra = (lambda tmp: self.checkpoint_extra(self.model, tmp)) if self.checkpoint_extra else None
+            path = save_checkpoint_atomic(self.ckpt_root, self.state, source, optim_sd, self.tokenizer_dir,
+                                              self.cfg.checkpoint.keep, extra)
         par.barrier(self.d)
         return path
 
