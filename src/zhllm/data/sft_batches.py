@@ -63,9 +63,13 @@ class SFTDataset:
                  pad_id: int = 0, group_window: int = 64):
         if not examples:
             raise ZhllmError("no SFT examples to train on (all records were skipped or the input is empty)")
-        self.examples, self.seq_len, self.packing = examples, seq_len, packing
+        self.seq_len, self.packing = seq_len, packing
         self.seed, self.pad_id, self.group_window = seed, pad_id, group_window
         lengths = [len(ids) for ids, _ in examples]
+        # One flat array per field: compact, and rows are filled by slicing instead of per-example tensors.
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.flat_ids = np.fromiter((t for ids, _ in examples for t in ids), dtype=np.int64, count=self.offsets[-1])
+        self.flat_labels = np.fromiter((t for _, y in examples for t in y), dtype=np.int64, count=self.offsets[-1])
         if packing:
             self.rows = pack_best_fit(lengths, seq_len)
         else:
@@ -105,21 +109,23 @@ class SFTDataset:
         return self.collate(rows)
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        width = self.seq_len if self.packing else max(sum(len(self.examples[i][0]) for i in r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        extra = torch.full((len(rows), width), PAD_SEGMENT if self.packing else 0, dtype=torch.long)
+        off = self.offsets
+        width = self.seq_len if self.packing else max(int(sum(off[i + 1] - off[i] for i in r)) for r in rows)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+        extra = np.full((len(rows), width), PAD_SEGMENT if self.packing else 0, dtype=np.int64)
         for b, row in enumerate(rows):
             pos = 0
             for seg, i in enumerate(row):
-                x, y = self.examples[i]
-                ids[b, pos:pos + len(x)] = torch.tensor(x)
-                labels[b, pos:pos + len(y)] = torch.tensor(y)
+                a, z = off[i], off[i + 1]
+                n = z - a
+                ids[b, pos:pos + n] = self.flat_ids[a:z]
+                labels[b, pos:pos + n] = self.flat_labels[a:z]
                 labels[b, pos] = IGNORE  # nothing predicts a conversation's first token across a boundary
-                extra[b, pos:pos + len(x)] = seg if self.packing else 1
-                pos += len(x)
+                extra[b, pos:pos + n] = seg if self.packing else 1
+                pos += n
         key = "segment_ids" if self.packing else "attention_mask"
-        return {"input_ids": ids, "labels": labels, key: extra}
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), key: torch.from_numpy(extra)}
 
 
 def packing_efficiency(dataset: SFTDataset) -> float:
