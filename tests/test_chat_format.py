@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -305,6 +306,21 @@ def test_length_grouping_sorts_within_windows(tok):
     lengths = [len(examples[r][0]) for r in ds.row_indices(0, 12)]
     for w in range(0, 12, 4):
         assert lengths[w:w + 4] == sorted(lengths[w:w + 4], reverse=True)
+
+
+def test_build_sft_datasets_splits_conversations_not_rows(tmp_path, tok):
+    from zhllm.data.sft_batches import build_sft_datasets
+    f = tmp_path / "sft.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": _long_chat(1 + k % 3)}, ensure_ascii=False) for k in range(20)) + "\n",
+                 encoding="utf-8")
+    train, val, stats, read_stats = build_sft_datasets(tok, [f], seq_len=512, val_fraction=0.2, seed=0, progress=False)
+    assert stats.conversations == 20 and read_stats.docs == 20
+    assert train.offsets[-1] + val.offsets[-1] == stats.tokens  # every conversation in exactly one set
+    assert len(val.offsets) - 1 == 4
+    again = build_sft_datasets(tok, [f], seq_len=512, val_fraction=0.2, seed=0, progress=False)[1]
+    assert np.array_equal(again.flat_ids, val.flat_ids)
+    with pytest.raises(ZhllmError, match="val_fraction"):
+        build_sft_datasets(tok, [f], seq_len=512, val_fraction=1.5, progress=False)
 
 
 # ---------------------------------------------------------------- preview command

@@ -131,3 +131,32 @@ class SFTDataset:
 def packing_efficiency(dataset: SFTDataset) -> float:
     """Fraction of row slots holding real tokens (1.0 = no padding) when rows are seq_len long."""
     return dataset.num_tokens / (len(dataset) * dataset.seq_len)
+
+
+def build_sft_datasets(tokenizer, inputs, seq_len: int, fmt: str = "auto", max_len: int | None = None,
+                       packing: bool = True, val_fraction: float = 0.0, seed: int = 0, overflow: str = "truncate",
+                       strict: bool = False, progress: bool = True):
+    """Files -> (train SFTDataset, val SFTDataset or None, SFTStats, ReadStats): what `zhllm sft` trains on.
+
+    The validation conversations are a seeded random subset (val_fraction of the good ones), chosen before
+    packing, so no conversation is ever split between the two sets.
+    """
+    from .chat import SFTStats, encode_records
+    from .readers import ReadStats, expand_inputs, iter_records
+
+    if not 0 <= val_fraction < 1:
+        raise ZhllmError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    max_len = min(max_len or seq_len, seq_len)
+    stats, read_stats = SFTStats(), ReadStats()
+    records = iter_records(expand_inputs(inputs), strict=strict, stats=read_stats)
+    examples = encode_records(tokenizer, records, fmt=fmt, max_len=max_len, overflow=overflow, strict=strict,
+                              stats=stats, progress=progress)
+    n_val = int(round(len(examples) * val_fraction))
+    if val_fraction and (n_val == 0 or n_val == len(examples)):
+        raise ZhllmError(f"{len(examples)} SFT examples cannot be split with val_fraction {val_fraction}")
+    is_val = np.zeros(len(examples), dtype=bool)
+    is_val[np.random.default_rng([seed, 1]).permutation(len(examples))[:n_val]] = True
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train = SFTDataset([e for e, v in zip(examples, is_val) if not v], seq_len, packing, seed, pad_id)
+    val = SFTDataset([e for e, v in zip(examples, is_val) if v], seq_len, packing, seed, pad_id) if n_val else None
+    return train, val, stats, read_stats
