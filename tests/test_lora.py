@@ -154,3 +154,40 @@ def test_lora_merge_cli(tmp_path, tiny_model_dir, capsys):
     assert main(["lora", "merge", "--base", str(tiny_model_dir), "--adapter", str(tmp_path), "--out",
                  str(tmp_path / "x")]) == 2
     assert "not a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_lora_sft_steps_lower_the_assistant_loss_and_survive_merge(tmp_path, tiny_model_dir):
+    """The pieces together: chat examples -> packed batch -> LoRA training -> adapter -> merged checkpoint."""
+    import torch.nn.functional as F
+
+    from zhllm.data.chat import IGNORE, encode_records
+    from zhllm.data.sft_batches import SFTDataset
+    from zhllm.tokenizer.load import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    recs = [{"instruction": f"第{k}题：今天天气怎么样？", "output": "今天天气很好，我们去公园散步吧！"} for k in range(8)]
+    batch = SFTDataset(encode_records(tok, recs), seq_len=256, packing=True).batch(0, 2)
+
+    def loss_of(m):
+        logits = m(batch["input_ids"], segment_ids=batch["segment_ids"])
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=IGNORE)
+
+    torch.manual_seed(0)
+    model = apply_lora(load_model(tiny_model_dir, train=True), r=8, alpha=16)
+    enable_neftune(model, alpha=1.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.no_grad():
+        before = loss_of(model.eval()).item()
+    model.train()
+    for _ in range(15):
+        opt.zero_grad()
+        loss_of(model).backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss_of(model.eval()).item()
+    assert after < before - 0.5, (before, after)
+    adapter = save_adapter(model, tmp_path / "adapter", base_model_dir=tiny_model_dir)
+    merged = merge_lora(tiny_model_dir, adapter, tmp_path / "merged")
+    with torch.no_grad():
+        assert abs(loss_of(load_model(merged)).item() - after) < 1e-4
