@@ -1,4 +1,4 @@
-"""`zhllm model init|info`: parsers only; the work is in zhllm.model.init (see cli/__init__.py)."""
+"""`zhllm model init|info|resize`: parsers only; the work is in zhllm.model.init (see cli/__init__.py)."""
 
 
 def register(root, groups) -> None:
@@ -24,6 +24,23 @@ def register(root, groups) -> None:
                                      "checkpoint directory (any HF Llama/Qwen2 directory).")
     p.add_argument("dir", help="checkpoint directory")
     p.set_defaults(func=lambda a: print(_model_init().model_info(a.dir)))
+
+
+    p = model.add_parser("resize", help="grow a checkpoint's embeddings to an extended tokenizer",
+                         description="Add embedding (and untied output) rows for the tokens a new tokenizer adds "
+                                     "to the model's own (see `zhllm tokenizer extend`); each new row starts as the "
+                                     "mean of the old rows of the pieces its text encoded to before.")
+    p.add_argument("dir", help="checkpoint directory")
+    p.add_argument("--tokenizer", required=True, metavar="TOKDIR", help="the extended tokenizer")
+    p.add_argument("--old-tokenizer", metavar="TOKDIR", help="the tokenizer the model was trained with "
+                   "(default: the one inside DIR)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
+    p.set_defaults(func=lambda a: print(_resize(a)))
+
+
+def _resize(a):
+    from ..model.resize import resize_embeddings
+    return resize_embeddings(a.dir, a.tokenizer, a.out, old_tokenizer_dir=a.old_tokenizer)
 
 
 def _model_init():
