@@ -1,4 +1,4 @@
-"""Parsers for SFT data preview and LoRA adapters; see cli/__init__.py."""
+"""Parsers for `zhllm sft`, SFT data preview and LoRA adapters; see cli/__init__.py."""
 from __future__ import annotations
 
 from ..data.chat import FORMATS
@@ -17,7 +17,25 @@ def _merge(args) -> None:
     print(merge_lora(args.base, args.adapter, args.out))
 
 
+def _sft(args) -> None:
+    from ..train.sft import run_sft
+
+    summary = run_sft(args.config, args.set, resume=args.resume)
+    print(f"sft finished at step {summary['step']}/{summary['max_steps']}; val loss {summary.get('val_loss')}")
+
+
 def register(root, groups) -> None:
+    p = root.add_parser(
+        "sft", help="supervised fine-tuning on chat data (full or LoRA)",
+        description="Fine-tune a checkpoint on alpaca / ShareGPT / messages / prompt-response records (detected per "
+                    "record), rendered with the tokenizer's chat template; only assistant replies carry loss. Same "
+                    "loop, checkpoints, resume and torchrun support as `zhllm pretrain`.")
+    p.add_argument("--config", required=True, help="SFT recipe YAML, or a packaged name: tiny, 26m")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.init_from=DIR (repeatable)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint (auto) or PATH")
+    p.set_defaults(func=_sft)
+
     p = groups["data"].add_parser(
         "preview-sft", help="render SFT samples with the trained (loss) spans highlighted",
         description="Render the first N conversations of SFT files exactly as training sees them (the tokenizer's "

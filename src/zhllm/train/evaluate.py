@@ -6,7 +6,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from .objectives import Objective
+from .objectives import Objective, to_device
 from .parallel import Dist, all_reduce_sum
 
 
@@ -20,7 +20,7 @@ def evaluate_loss(model: torch.nn.Module, objective: Objective, data, batch_size
     loss_sum, weight = 0.0, 0.0
     n = max(1, min(batches, len(data) // max(batch_size * d.world, 1)))
     for i in range(n):
-        batch = data.batch((i * d.world + d.rank) * batch_size, batch_size).to(d.device, non_blocking=True)
+        batch = to_device(data.batch((i * d.world + d.rank) * batch_size, batch_size), d.device)
         with autocast:
             out = objective.loss(model, batch)
         loss_sum += float(out.loss_sum)

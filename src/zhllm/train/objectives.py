@@ -28,6 +28,13 @@ class Objective(Protocol):
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> LossOutput: ...
 
 
+def to_device(batch, device: torch.device):
+    """A batch is a tensor (packed pretraining windows) or a dict of tensors (SFT rows with masks)."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
 def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Summed next-token cross-entropy, computed in fp32 whatever the logits' dtype.
 
@@ -50,6 +57,21 @@ class CausalLM:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = model(inputs)
         return LossOutput(token_cross_entropy_sum(logits, targets), self.weight(batch))
+
+
+class MaskedCausalLM:
+    """Next-token loss on the tokens whose label is not -100 (assistant replies), for packed or padded rows."""
+
+    name = "sft"
+
+    def weight(self, batch: dict) -> float:
+        return float((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        extra = {k: batch[k] for k in ("segment_ids", "attention_mask") if k in batch}
+        logits = model(batch["input_ids"], **extra)
+        loss = token_cross_entropy_sum(logits[:, :-1], batch["labels"][:, 1:])
+        return LossOutput(loss, self.weight(batch))
 
 
 @dataclass

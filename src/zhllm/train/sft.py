@@ -7,7 +7,6 @@ write checkpoints of a LoRA model (the merged HF model for chat and evaluation, 
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -21,7 +20,7 @@ from ..fsutil import atomic_write_text
 from . import parallel as par
 from .config import CheckpointSection, EvalSection, LogSection, TrainSection, resolve_recipe
 from .lora import LORA_TARGETS
-from .objectives import LossOutput, token_cross_entropy_sum
+from .objectives import MaskedCausalLM
 from .state import checkpoint_dirs, resolve_resume
 
 ADAPTER_DIR = "adapter"
@@ -90,47 +89,18 @@ def load_sft_config(path: str | Path, overrides: list[str] | None = None) -> tup
     return cfg.validate(source), source
 
 
-class MaskedCausalLM:
-    """Next-token loss on the tokens whose label is not -100 (assistant replies), for packed or padded rows."""
-
-    name = "sft"
-
-    def weight(self, batch: dict) -> float:
-        return float((batch["labels"][:, 1:] != -100).sum())
-
-    def loss(self, model: torch.nn.Module, batch: dict) -> LossOutput:
-        extra = {k: batch[k] for k in ("segment_ids", "attention_mask") if k in batch}
-        logits = model(batch["input_ids"], **extra)
-        loss = token_cross_entropy_sum(logits[:, :-1], batch["labels"][:, 1:])
-        return LossOutput(loss, self.weight(batch))
-
-
-def _is_val(ids: list[int], fraction: float) -> bool:
-    if fraction <= 0:
-        return False
-    digest = hashlib.blake2b(torch.tensor(ids, dtype=torch.int64).numpy().tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2 ** 64 < fraction
-
-
 def open_sft_data(cfg: SftConfig, tokenizer, log=print):
     """(train, val or None) SFTDataset from the configured chat files, with the skip/truncation counts logged."""
-    from ..data.chat import SFTStats, encode_records
-    from ..data.readers import ReadStats, iter_records
-    from ..data.sft_batches import SFTDataset
+    from ..data.sft_batches import build_sft_datasets
     d, t = cfg.data, cfg.train
-    max_len = d.max_len or t.seq_len
-    if max_len > t.seq_len:
-        raise ConfigError(f"data.max_len={max_len} exceeds train.seq_len={t.seq_len}")
-    read_stats, stats = ReadStats(), SFTStats()
-    records = iter_records(list(d.path), strict=d.strict, stats=read_stats)
-    examples = encode_records(tokenizer, records, d.format, max_len, d.overflow, d.strict, stats, progress=True)
+    if d.max_len and d.max_len > t.seq_len:
+        raise ConfigError(f"data.max_len={d.max_len} exceeds train.seq_len={t.seq_len}")
+    train, val, stats, read_stats = build_sft_datasets(
+        tokenizer, list(d.path), t.seq_len, fmt=d.format, max_len=d.max_len, packing=d.packing,
+        val_fraction=d.val_fraction, seed=t.seed, overflow=d.overflow, strict=d.strict)
     log(f"sft data: {read_stats.summary().splitlines()[0]}")
-    log(f"sft data: {stats.summary() if hasattr(stats, 'summary') else stats}")
-    train = [e for e in examples if not _is_val(e[0], d.val_fraction)]
-    val = [e for e in examples if _is_val(e[0], d.val_fraction)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    make = lambda ex, seed: SFTDataset(ex, t.seq_len, packing=d.packing, seed=seed, pad_id=pad)  # noqa: E731
-    return make(train, t.seed), (make(val, t.seed) if val else None)
+    log(f"sft data: {stats.summary()}")
+    return train, val
 
 
 def prepare_model(cfg: SftConfig, resume_dir: Path | None):

@@ -23,7 +23,7 @@ from .config import RunConfig
 from .evaluate import evaluate_loss, greedy_samples
 from .master import MasterWeights
 from .metrics import MetricsLogger, flops_per_token, memory_gb, peak_flops, plot_run, train_line
-from .objectives import Objective
+from .objectives import Objective, to_device
 from .optim import build_optimizer, lr_at, parameter_groups, set_lr
 from .state import (TrainerState, capture_rng, load_optimizer_state, load_trainer_state, restore_rng,
                     save_checkpoint_atomic)
@@ -106,7 +106,7 @@ class Trainer:
     def train_step(self) -> dict:
         t = self.cfg.train
         t0 = time.perf_counter()
-        batches = [x.to(self.d.device, non_blocking=True) for x in self._micro_batches()]
+        batches = [to_device(x, self.d.device) for x in self._micro_batches()]
         t_data = time.perf_counter() - t0
         # Normalise by the global number of loss units so the gradient is a true mean over the step,
         # whatever the split into ranks and micro-batches (and for masked losses of uneven length).
