@@ -1,0 +1,105 @@
+"""`zhllm pipeline` end to end on the built-in demo with a tiny override: every stage, caching, resume."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zhllm.pipeline import run_pipeline
+
+TINY = [
+    "corpus.task_docs=40",
+    "tokenizer.vocab_size=512",
+    "tokenize.workers=1",
+    "pretrain.model.preset=tiny",
+    "pretrain.model.dim=64",
+    "pretrain.model.n_layers=2",
+    "pretrain.model.n_heads=4",
+    "pretrain.model.n_kv_heads=2",
+    "pretrain.model.ffn_dim=128",
+    "pretrain.train.max_steps=6",
+    "pretrain.train.batch_size=4",
+    "pretrain.train.seq_len=64",
+    "pretrain.eval.every=3",
+    "pretrain.checkpoint.every=3",
+    "pretrain.log.progress=false",
+    "pretrain.log.tensorboard=false",
+    "sft.demo_conversations=60",
+    "sft.recipe.train.max_steps=4",
+    "sft.recipe.train.batch_size=4",
+    "sft.recipe.train.seq_len=128",
+    "sft.recipe.eval.every=2",
+    "sft.recipe.checkpoint.every=2",
+    "sft.recipe.log.progress=false",
+    "sft.recipe.log.tensorboard=false",
+    "eval.tasks=4",
+    "eval.max_new_tokens=8",
+    "eval.val_batches=2",
+]
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def overrides(run_dir, *extra):
+    return TINY + [f"out_dir={run_dir}", *extra]
+
+
+def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
+    run = tmp_path / "demo"
+    logs = []
+    results = run_pipeline(DEMO, overrides(run), log=logs.append)
+    assert set(results) == {"corpus", "clean", "tokenizer", "tokenize", "pretrain", "sft", "eval", "report"}
+    assert results["clean"]["report"]["docs_kept"] > 500
+    assert (run / "tokenizer" / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((run / "tokenize" / "shards" / "meta.json").read_text())["vocab_size"] == 512
+    for stage in ("pretrain", "sft"):
+        ckpt = Path(results[stage]["checkpoint"])
+        assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
+        assert results[stage]["step"] == results[stage]["max_steps"]
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert set(ev) == {"pretrain", "sft"}
+    for m in ev.values():
+        assert 0 < m["val_bpb"] < 20 and 0.0 <= m["task_accuracy"] <= 1.0 and m["tasks"] == 4
+    report = (run / "report.md").read_text()
+    for needle in ("## What ran", "## Evaluation", "| pretrain |", "| sft |", "zhllm chat", ".png"):
+        assert needle in report
+    for png in Path(results["pretrain"]["run_dir"]).glob("plots/*.png"):
+        assert png.stat().st_size > 1000
+
+    # a second run skips every stage
+    logs.clear()
+    run_pipeline(DEMO, overrides(run), log=logs.append)
+    assert sum("up to date, skipped" in line for line in logs) == 8
+
+    # touching the SFT config re-runs only SFT and what follows
+    logs.clear()
+    run_pipeline(DEMO, overrides(run, "sft.recipe.train.lr=5e-4"), log=logs.append)
+    ran = [line.split("]")[0][1:] for line in logs if line.endswith("running")]
+    assert ran == ["sft", "eval", "report"]
+
+
+def test_killed_pipeline_resumes_pretraining(tmp_path):
+    run = tmp_path / "demo"
+    args = [sys.executable, "-m", "zhllm", "pipeline", str(DEMO), "--until", "pretrain"]
+    for o in overrides(run):
+        args += ["--set", o]
+    env = {**os.environ, "ZHLLM_FAIL_AT_STEP": "3"}
+    died = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert died.returncode != 0
+    assert (run / "pretrain" / "run" / "checkpoints" / "step_3").is_dir()
+    env.pop("ZHLLM_FAIL_AT_STEP")
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[pretrain] resuming" in done.stdout
+    assert "resumed from" in done.stdout + done.stderr
+    steps = [json.loads(line)["step"] for line in (run / "pretrain" / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "train"]
+    assert steps[-1] == 6
+
+
+def test_bad_pipeline_config_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntokeniser: {vocab_size: 10}\n")
+    r = subprocess.run([sys.executable, "-m", "zhllm", "pipeline", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown key 'tokeniser'" in r.stderr and "Traceback" not in r.stderr
