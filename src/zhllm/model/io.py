@@ -140,18 +140,41 @@ def copy_tokenizer(tokenizer, dest: Path) -> None:
         tokenizer.save_pretrained(str(dest))
 
 
+def _token_ids(tok_dir: Path) -> tuple[dict, dict] | None:
+    """(added tokens, vocab) as token -> id maps, read from tokenizer.json without loading transformers (which
+    costs over a second per checkpoint); None when the directory has no tokenizer.json."""
+    f = tok_dir / "tokenizer.json"
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text(encoding="utf-8"))
+    ids = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    vocab = data.get("model", {}).get("vocab")
+    return ids, (vocab if isinstance(vocab, dict) else {})
+
+
 def _generation_ids(tok_dir: Path, cfg: ModelConfig) -> dict:
     """eos = the tokenizer's eos plus ChatML's <|im_end|>, so chat generation stops at end of turn."""
-    from ..tokenizer.load import load_tokenizer
-    tok = load_tokenizer(tok_dir)
+    found = _token_ids(tok_dir)
+    tcfg_file = tok_dir / "tokenizer_config.json"
+    if found is None or not tcfg_file.is_file():
+        from ..tokenizer.load import load_tokenizer
+        tok = load_tokenizer(tok_dir)
+        names = {"eos": tok.eos_token, "pad": tok.pad_token, "bos": tok.bos_token}
+        lookup = lambda t: None if t is None or tok.convert_tokens_to_ids(t) == tok.unk_token_id else tok.convert_tokens_to_ids(t)  # noqa: E731
+    else:
+        added, vocab = found
+        tcfg = json.loads(tcfg_file.read_text(encoding="utf-8"))
+        token = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
+        names = {k: token(tcfg.get(f"{k}_token")) for k in ("eos", "pad", "bos")}
+        lookup = lambda t: added.get(t, vocab.get(t)) if t else None  # noqa: E731
     eos = []
-    for t in (tok.eos_token, "<|im_end|>"):
-        i = tok.convert_tokens_to_ids(t) if t else None
-        if i is not None and i != tok.unk_token_id and i not in eos:
+    for t in (names["eos"], "<|im_end|>"):
+        i = lookup(t)
+        if i is not None and i not in eos:
             eos.append(i)
     out = {"eos_token_id": eos[0] if len(eos) == 1 else (eos or cfg.eos_token_id)}
-    if tok.pad_token_id is not None:
-        out["pad_token_id"] = tok.pad_token_id
-    if tok.bos_token_id is not None:
-        out["bos_token_id"] = tok.bos_token_id
+    for k in ("pad", "bos"):
+        i = lookup(names[k])
+        if i is not None:
+            out[f"{k}_token_id"] = i
     return out
