@@ -89,22 +89,34 @@ def test_sft_config_errors_are_one_line(tmp_path, tiny_model_dir, sft_file):
 
 
 def test_sft_on_real_sample_lowers_val_loss_and_chats(tmp_path):
+    """A tiny model fine-tuned on real short Chinese Q&A learns the answers' form and to end its turn."""
     tok = shared_data("tokenizers/minimind")
-    data = shared_data("sft/alpaca_gpt4_zh_sample_1k.json")
+    records = json.loads(shared_data("sft/zh_supplement_hikariming.json").read_text(encoding="utf-8"))
+    short = [r for r in records if len(r["output"]) <= 40 and len(r["instruction"]) <= 60][:600]
+    data = tmp_path / "short_qa.json"
+    data.write_text(json.dumps(short, ensure_ascii=False), encoding="utf-8")
     model_dir = tmp_path / "base"
     r = subprocess.run([sys.executable, "-m", "zhllm", "model", "init", "--preset", "tiny", "--tokenizer", str(tok),
                         "--out", str(model_dir)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     summary = run_sft("tiny", [f"model.init_from={model_dir}", f"data.path={data}", f"out_dir={tmp_path / 'sft'}",
-                               "train.max_steps=60", "train.batch_size=8", "train.seq_len=256", "train.lr=3e-3",
-                               "eval.every=20", "eval.batches=4", "checkpoint.every=60", "log.progress=false",
+                               "train.max_steps=150", "train.batch_size=8", "train.seq_len=256", "train.lr=1e-2",
+                               "eval.every=50", "eval.batches=4", "checkpoint.every=150", "log.progress=false",
                                "log.tensorboard=false", "log.plots=false", "data.val_fraction=0.05"])
     evals = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("kind") == "eval"]
     # an untrained model sits near ln(vocab) = 8.76 nats; learning must take it well below, and keep going
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_loss"] < math.log(6400) - 1.0
-    chat = subprocess.run([sys.executable, "-m", "zhllm", "chat", str(tmp_path / "sft" / "checkpoints" / "step_60"),
-                           "--max-new-tokens", "48"], input="你好\n", capture_output=True, text=True, timeout=120)
-    assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.strip() and "<|im" not in chat.stdout
-    assert summary["step"] == 60
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_loss"] < math.log(6400) - 3.0
+    assert summary["step"] == 150
+    ckpt = tmp_path / "sft" / "checkpoints" / "step_150"
+    chat = subprocess.run([sys.executable, "-m", "zhllm", "chat", str(ckpt), "--max-new-tokens", "48"],
+                          input=short[0]["instruction"] + "\n", capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    assert "<|im" not in chat.stdout and "Traceback" not in chat.stderr
+    # it ends its turn with <|im_end|> instead of running to the token limit
+    from zhllm.infer.generate import default_stop_ids, generate_ids, load_for_inference
+    from zhllm.infer.prompts import encode_prompt
+    model, tokenizer = load_for_inference(ckpt)
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": r["instruction"]}]) for r in short[:8]]
+    answers = generate_ids(model, prompts, stop_token_ids=default_stop_ids(tokenizer, model), max_new_tokens=120)
+    assert sum(len(a) < 120 for a in answers) >= 6
