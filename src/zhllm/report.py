@@ -81,7 +81,7 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
             lines += ["## Sample chats (SFT model, held-out questions)", ""]
             for row in rows:
                 mark = "✓" if row["correct"] else "✗"
-                lines += [f"> **用户**：{row['question']}", ">", f"> **助手**：{row['output'].strip()}", "",
+                lines += [f"> **用户**：{row['question']}", ">", "> **助手**：" + row["output"].strip().replace("\n", "\n> "), "",
                           f"{mark} expected answer: {row['answer']}", ""]
     final = results.get("sft", results.get("pretrain"))
     if final:

@@ -207,7 +207,7 @@ class Trainer:
         bar = _progress(cfg.log.progress and self.d.is_main, self.max_steps, st.step)
         if bar is not None:
             logger.echo = bar.write
-        window = {"tokens": 0, "time": 0.0, "data": 0.0}
+        window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0}
         saved_at = st.step if st.step else None
         t_start = time.perf_counter()
         try:
@@ -216,12 +216,15 @@ class Trainer:
                 window["tokens"] += self.tokens_per_step
                 window["time"] += r["step_s"]
                 window["data"] += r["data_s"]
+                if r["finite"]:
+                    window["loss"] += r["loss"]
+                    window["steps"] += 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{r['loss']:.3f}")
                 if logger and (st.step % cfg.log.every == 0 or st.step == 1 or st.step == self.max_steps):
                     tps = window["tokens"] / max(window["time"], 1e-9)
-                    rec = {"kind": "train", "step": st.step, "max_steps": self.max_steps, "loss": r["loss"],
+                    rec = {"kind": "train", "step": st.step, "max_steps": self.max_steps, "loss": window["loss"] / max(window["steps"], 1),
                            "lr": r["lr"], "grad_norm": r["grad_norm"], "tokens_per_s": tps,
                            "mfu": tps * fpt / (peak * self.d.world) if peak else None,
                            "data_share": window["data"] / max(window["time"], 1e-9),
@@ -229,7 +232,7 @@ class Trainer:
                            "skipped_steps": st.skipped_steps,
                            "eta_s": (self.max_steps - st.step) * window["time"] / max(window["tokens"] / self.tokens_per_step, 1)}
                     logger.log(rec, train_line(rec))
-                    window = {"tokens": 0, "time": 0.0, "data": 0.0}
+                    window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0}
                 last = st.step == self.max_steps
                 if cfg.eval.every and (st.step % cfg.eval.every == 0 or last):
                     ev = self.evaluate()
