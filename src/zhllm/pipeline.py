@@ -6,7 +6,6 @@ follows, and an interrupted stage resumes (pretraining and SFT from their last c
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -139,6 +138,3 @@ def input_fingerprint(inputs: list[str]) -> list:
         out.append(files_fingerprint(expand_inputs(real)))
     return out
 
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

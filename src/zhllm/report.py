@@ -39,7 +39,7 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
     if clean:
         lines += ["## Data", "", f"- records read: {clean.get('records_read')}, kept after cleaning and dedup: "
                   f"{clean.get('docs_kept')} ({clean.get('chars_out')} characters)",
-                  f"- removed: " + (", ".join(f"{k} {v}" for k, v in clean.get("removed", {}).items()) or "none")]
+                  "- removed: " + (", ".join(f"{k} {v}" for k, v in clean.get("removed", {}).items()) or "none")]
         splits = results.get("tokenize", {}).get("splits") or {}
         for name, s in splits.items():
             if isinstance(s, dict):

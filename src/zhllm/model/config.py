@@ -7,7 +7,7 @@ checkpoint directory needs no conversion; and it reads any such file, whichever 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
