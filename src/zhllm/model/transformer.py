@@ -192,6 +192,10 @@ class Transformer(nn.Module):
         """cos/sin of shape (B, 1, T, head_dim) for integer positions (B, T), all below `limit`."""
         cache = self._rope_cache
         if cache is None or cache[0].shape[0] < limit or cache[0].device != position_ids.device:
+            rs = self.config.rope_scaling
+            if rs is not None and rs.type == "dynamic" and limit > self.config.max_seq_len:
+                # Dynamic NTK changes the frequencies with the sequence length; only the trained range is exact.
+                raise ValueError(f"dynamic RoPE scaling beyond max_seq_len={self.config.max_seq_len} is not supported")
             n = max(limit, self.config.max_seq_len)
             t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.float())
