@@ -88,11 +88,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise ZhllmError(f"{path}: weight {k} has shape {tuple(v.shape)}, config.json implies {tuple(want)}")
     target = dtype or state["model.embed_tokens.weight"].dtype
     state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
+    return model_from_state_dict(cfg, state, model).train(train)
+
+
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor],
+                          model: Transformer | None = None) -> Transformer:
+    """A Transformer that uses `state`'s tensors as its weights (no copy, no random init): built on the meta
+    device, filled with assign, embeddings re-tied and the RoPE buffer rebuilt on the weights' device."""
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(cfg)
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_frequencies(cfg)[0].to(device)  # buffers built on the meta device hold no data
-    return model.train(train)
+    model.inv_freq = rope_frequencies(cfg)[0].to(model.model.embed_tokens.weight.device)
+    return model
 
 
 def new_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> Transformer:

@@ -131,7 +131,7 @@ def merged_model(model: torch.nn.Module) -> torch.nn.Module:
     """A plain Transformer whose weights are base + LoRA delta; the training model is left untouched."""
     from peft.tuners.lora import LoraLayer
 
-    from ..model.transformer import Transformer, rope_frequencies
+    from ..model.io import model_from_state_dict
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
@@ -143,13 +143,7 @@ def merged_model(model: torch.nn.Module) -> torch.nn.Module:
         if "lora_" in name or ".base_layer." in name:
             continue
         state.setdefault(name, p.detach())
-    with torch.device("meta"):
-        plain = Transformer(model.config)
-    plain.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_embeddings:
-        plain.lm_head.weight = plain.model.embed_tokens.weight
-    plain.inv_freq = rope_frequencies(model.config)[0]
-    return plain
+    return model_from_state_dict(model.config, state)
 
 
 def lora_checkpoint_hooks(base_dir: str):

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..errors import ZhllmError
+from ..model.io import model_from_state_dict
 from . import parallel as par
 from .config import RunConfig
 from .evaluate import evaluate_loss, greedy_samples
@@ -183,7 +184,7 @@ class Trainer:
             self.master.state_dict() if self.master is not None else None
         path = None
         if self.d.is_main:
-            source = self.model if model_sd is None else _model_from_state(self.model.config, model_sd)
+            source = self.model if model_sd is None else model_from_state_dict(self.model.config, model_sd)
             if self.export_model is not None:
                 source = self.export_model(source)
             if not all(torch.isfinite(p).all() for p in source.state_dict().values()):
@@ -286,15 +287,3 @@ def _progress(enabled: bool, total: int, initial: int):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False, disable=None)
-
-
-def _model_from_state(cfg, state: dict) -> torch.nn.Module:
-    """A plain Transformer holding gathered FSDP weights, for save_model (rank 0 only)."""
-    from ..model.transformer import Transformer, rope_frequencies
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    m.load_state_dict(state, assign=True, strict=False)
-    if cfg.tie_embeddings:
-        m.lm_head.weight = m.model.embed_tokens.weight
-    m.inv_freq = rope_frequencies(cfg)[0]
-    return m
