@@ -123,7 +123,8 @@ def main() -> None:
         shares = []
         for tr in runs.values():  # warm up (first calls pick oneDNN kernels; compile traces here)
             time_zhllm(tr, 2)
-        hf.step(); hf.step()
+        hf.step()
+        hf.step()
         for _ in range(args.rounds):
             for name, tr in runs.items():
                 c0 = time.process_time()

@@ -82,7 +82,8 @@ def test_windows_are_exact_and_every_token_is_a_target_once(one_dir):
     for j in range(len(ds)):  # includes windows that cross shard files
         assert ds.window(j).tolist() == stream[j * L: j * L + L + 1].tolist()
     shuffled = PackedTokenDataset([path], seq_len=L, seed=3)
-    key = lambda m: sorted(map(tuple, m.tolist()))
+    def key(m):
+        return sorted(map(tuple, m.tolist()))
     assert key(shuffled.batch(0, len(ds))) == key(ds.batch(0, len(ds)))  # a permutation of the same windows
     assert not np.array_equal(shuffled.batch(0, len(ds)), ds.batch(0, len(ds)))
 
@@ -98,7 +99,8 @@ def test_order_is_a_pure_function_of_seed_and_index(one_dir):
     assert not np.array_equal(a.batch(0, n), c.batch(0, n))
     epoch0, epoch1 = a.batch(0, n).numpy(), a.batch(n, n).numpy()
     assert not np.array_equal(epoch0, epoch1)  # a new permutation each epoch ...
-    key = lambda m: sorted(map(tuple, m.tolist()))
+    def key(m):
+        return sorted(map(tuple, m.tolist()))
     assert key(epoch0) == key(epoch1)  # ... of the same windows
     assert a.batch(n - 2, 4).shape == (4, 9)  # batches straddle the epoch boundary
 

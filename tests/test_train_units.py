@@ -272,7 +272,8 @@ def test_bf16_weights_with_fp32_masters_resume_exactly(tmp_path):
     resumed = Trainer(cfg, CausalLM(), load_model(ckpt, dtype=torch.float32, train=True), data, data,
                       resume_dir=ckpt, dist=Dist(), echo=lambda *_: None)
     resumed.fit()
-    loss = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if r["kind"] == "train"}
+    def loss(d):
+        return {r["step"]: r["loss"] for r in read_metrics(d) if r["kind"] == "train"}
     assert loss(tmp_path / "a" / "run") == loss(tmp_path / "b" / "run")
     assert torch.equal(a.master.master[0], resumed.master.master[0])
     saved = load_model(tmp_path / "a" / "run" / "checkpoints" / "step_6")
