@@ -75,6 +75,14 @@ def test_generate_command_is_reproducible(init_dir, capsys):
     assert code == 0 and not err
 
 
+def test_generate_with_int8_decoding(init_dir, capsys):
+    args = ["generate", init_dir, "--prompt", "今天天气", "--max-new-tokens", "12", "--temperature", "0"]
+    code, out, err = run_cli(args + ["--quantize", "int8"], capsys)
+    assert code == 0 and not err and out.strip()
+    code, _, err = run_cli(args + ["--quantize", "int8", "--dtype", "float32"], capsys)
+    assert code == 0 and not err
+
+
 def test_chat_over_stdin_answers_two_turns(init_dir):
     res = zhllm_process(["chat", init_dir, "--system", "你是助手。", "--max-new-tokens", "8", "--temperature", "0"],
                         stdin="你好\n/reset\n今天天气怎么样？\n")

@@ -26,7 +26,7 @@ def lively_dir(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def lively(lively_dir):
-    return load_for_inference(lively_dir, device="cpu")
+    return load_for_inference(lively_dir, device="cpu", dtype="float32")
 
 
 def hf_greedy(model_dir, prompt, n):
@@ -63,6 +63,50 @@ def test_fused_decode_step_equals_model_forward(arch):
         for t in range(5, 9):
             logits = dec.step(ids[:, t], torch.full((2,), t), cache)
             assert torch.allclose(logits, full[:, t], atol=1e-4)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_bf16_and_int8_decode_steps_stay_close_to_the_forward(quantize):
+    """bf16 (oneDNN-prepacked weights where the CPU has them) and int8 weight-only decoding: logits within
+    the precision of the format, and the same top token as the fp32 forward at nearly every step."""
+    cfg = model_config_from("tiny", {"vocab_size": 256, "init_std": 0.1})
+    model = new_model(cfg, seed=5).eval()
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = model(ids)
+        low = new_model(cfg, seed=5).eval().to(torch.bfloat16)
+        low.decode_quantize = quantize
+        cache = KVCache.empty(cfg, 3, 40, torch.bfloat16, "cpu")
+        low(ids[:, :8], cache=cache)
+        dec = fused_decoder(low)
+        steps = [dec.step(ids[:, t], torch.full((3,), t), cache).float() for t in range(8, 40)]
+    got, want = torch.stack(steps, 1), full[:, 8:40]
+    err = (got - want).norm() / want.norm()
+    assert err < (0.05 if quantize == "int8" else 0.02), err
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_int8_weights_round_trip_within_half_a_step():
+    from zhllm.infer.linear import int8, quantize_int8
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    w[3] = 0  # an all-zero row must not divide by zero
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    y = int8(w.bfloat16(), None)(x)
+    ref = x.float() @ (q.float() * scale.bfloat16().float()[:, None]).T
+    assert (y.float() - ref).norm() / ref.norm() < 1e-2  # bf16 output rounding only
+
+
+def test_prepacked_bf16_linear_equals_f_linear():
+    from zhllm.infer.generate import cpu_has_bf16
+    from zhllm.infer.linear import prepacked
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16: the dense path is used")
+    w, b = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.equal(prepacked(w, b)(x), torch.nn.functional.linear(x, w, b))
 
 
 def test_fused_weights_follow_in_place_updates():

@@ -49,10 +49,10 @@ class ChatSession:
 
 
 def chat(model_dir: str, system: str | None = None, device: str = "auto", dtype: str = "auto",
-         stdin: TextIO | None = None, stdout: TextIO | None = None, **sampling) -> int:
+         quantize: str = "none", stdin: TextIO | None = None, stdout: TextIO | None = None, **sampling) -> int:
     """Run a chat on a terminal (or over piped lines). Returns the exit code."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, tokenizer = load_for_inference(model_dir, device=device, dtype=dtype)
+    model, tokenizer = load_for_inference(model_dir, device=device, dtype=dtype, quantize=quantize)
     session = ChatSession(model, tokenizer, system, **sampling)
     interactive = stdin.isatty()
     if interactive:
@@ -91,10 +91,10 @@ def chat(model_dir: str, system: str | None = None, device: str = "auto", dtype:
 
 
 def print_generation(model_dir: str, prompt: str, device: str = "auto", dtype: str = "auto",
-                     chat_template: bool = False, stdout: TextIO | None = None, **sampling) -> int:
+                     quantize: str = "none", chat_template: bool = False, stdout: TextIO | None = None, **sampling) -> int:
     """`zhllm generate`: stream the continuation of `prompt` (or, with chat_template, the answer to it)."""
     stdout = stdout or sys.stdout
-    model, tokenizer = load_for_inference(model_dir, device=device, dtype=dtype)
+    model, tokenizer = load_for_inference(model_dir, device=device, dtype=dtype, quantize=quantize)
     prompt_or_messages = [{"role": "user", "content": prompt}] if chat_template else prompt
     for piece in stream_generate(model, tokenizer, prompt_or_messages, **sampling):
         stdout.write(piece)

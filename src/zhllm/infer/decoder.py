@@ -1,14 +1,17 @@
 """The one-token decode step, with fused weights: the hot loop of generation.
 
-At batch 1 a decode step is a chain of matrix-vector products, and on a CPU the time between them (Python,
-op dispatch, small allocations) costs as much as the products. So this step runs on fused copies of the
-weights (q/k/v in one matrix, gate/up in one matrix: 33 matmuls per step for 8 layers instead of 57) and
-does nothing per layer that it need not do. The checkpoint keeps HF parameter names: the fused copies live
-only here, are rebuilt when the model's weights change (a trainer evaluating between steps) and never saved.
+At batch 1 a decode step is a chain of matrix-vector products: it reads every weight once, and on a CPU the
+ops between the products (Python, dispatch, cache misses after each weight stream) cost about a third of the
+step. So the step runs on fused copies of the weights: q/k/v in one matrix and gate/up in another (33
+products per step for 8 layers instead of 57), each RMSNorm's weight folded into the matrix it feeds
+(W @ (g * n) = (W * g) @ n, so a norm is one `F.rms_norm` call), RoPE as one `addcmul`. The copies are built
+by `infer/linear.py` in the fastest layout for the device and dtype (oneDNN-prepacked bf16, or weight-only
+int8 when asked), live only here, are rebuilt when the model's weights change (a trainer evaluating between
+steps) and are never saved: the checkpoint keeps HF parameter names.
 
 Prefill (the prompt) goes through `Transformer.hidden_states`, which writes the same `KVCache`; this step
-then continues from `cache.length`. Numerics follow `model/transformer.py` exactly (same RMSNorm casting,
-same RoPE tables), so the step reproduces `Transformer.forward` with a cache.
+then continues from `cache.length`. In fp32 the step equals `Transformer.forward` with a cache to rounding
+(1e-6); in bf16 the folded weights and fused RoPE round differently, within bf16 precision.
 """
 from __future__ import annotations
 
@@ -17,60 +20,63 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import KVCache, Transformer, rotate_half
+from ..model.transformer import KVCache, Transformer
+from .linear import LinearFn, decode_linear
 
 _CACHE_ATTR = "_zhllm_fused_decoder"
 
 
 @dataclass
 class FusedLayer:
-    input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    qkv: LinearFn  # input RMSNorm weight folded in
+    o: LinearFn
+    gate_up: LinearFn  # post-attention RMSNorm weight folded in
+    down: LinearFn
 
 
-def _cat_or_none(*tensors):
+def _cat(*tensors):
     return None if tensors[0] is None else torch.cat(tensors).contiguous()
 
 
-class FusedDecoder:
-    """Decode one token per row: `step(tokens (B,), positions (B,), cache, key_mask) -> logits (B, V)`."""
+def _folded(norm_weight: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    """The weights stacked on the output axis, times the RMSNorm weight that scales their input:
+    W @ (g * n) = (W * g) @ n, so the step normalises without scaling. Computed in fp32, then rounded once."""
+    return (torch.cat(weights).float() * norm_weight.float()).to(weights[0].dtype).contiguous()
 
-    def __init__(self, model: Transformer):
+
+class FusedDecoder:
+    """Decode one token per row: `step(tokens (B,), positions (B,), cache, key_mask) -> logits (B, V)`.
+
+    quantize: `none` (the model's weights, prepacked where the device has a faster layout) or `int8`
+    (weight-only int8 copies, CPU): see `infer/linear.py`.
+    """
+
+    def __init__(self, model: Transformer, quantize: str = "none"):
         cfg = model.config
         self.model = model
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.eps = cfg.norm_eps
+        linear = decode_linear(quantize)
         with torch.no_grad():
-            self.layers = [self._fuse(layer) for layer in model.model.layers]
+            self.layers = [self._fuse(layer, linear) for layer in model.model.layers]
+            self.lm_head = linear(_folded(model.model.norm.weight, model.lm_head.weight), None)
+            half = self.head_dim // 2
+            # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
+            self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(model.lm_head.weight.device)
         self.embed = model.model.embed_tokens.weight
-        self.final_norm = model.model.norm.weight
-        self.lm_head = model.lm_head.weight
 
     @staticmethod
-    def _fuse(layer) -> FusedLayer:
+    def _fuse(layer, linear) -> FusedLayer:
         a, m = layer.self_attn, layer.mlp
+        bias = lambda lin: None if lin.bias is None else lin.bias.detach()  # noqa: E731
         return FusedLayer(
-            input_norm=layer.input_layernorm.weight.detach(),
-            qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(),
-            qkv_bias=_cat_or_none(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
-            o=a.o_proj.weight.detach(), o_bias=None if a.o_proj.bias is None else a.o_proj.bias.detach(),
-            post_norm=layer.post_attention_layernorm.weight.detach(),
-            gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous(),
-            gate_up_bias=_cat_or_none(m.gate_proj.bias, m.up_proj.bias),
-            down=m.down_proj.weight.detach(), down_bias=None if m.down_proj.bias is None else m.down_proj.bias.detach(),
+            qkv=linear(_folded(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                       _cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)),
+            o=linear(a.o_proj.weight.detach(), bias(a.o_proj)),
+            gate_up=linear(_folded(layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight),
+                           _cat(m.gate_proj.bias, m.up_proj.bias)),
+            down=linear(m.down_proj.weight.detach(), bias(m.down_proj)),
         )
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # Same casting as model.transformer.RMSNorm; for fp32 the casts are no-ops.
-        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,25 +90,25 @@ class FusedDecoder:
         L = cache.length
         if L + 1 > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions, asked for {L + 1}")
-        x = self.embed[tokens]
+        x = F.embedding(tokens, self.embed)
         cos, sin = self.model.rope(positions[:, None], x.dtype, L + 1)
-        cos, sin = cos[:, 0], sin[:, 0]  # (B, 1, D): broadcast over the heads axis of (B, heads, D)
+        cos, sin = cos[:, 0], sin[:, 0] * self.sin_sign.to(x.dtype)  # (B, 1, D): broadcast over heads
+        shape, eps = (x.shape[-1],), self.eps
         for i, w in enumerate(self.layers):
-            h = self._norm(x, w.input_norm)
-            qkv = F.linear(h, w.qkv, w.qkv_bias).view(B, H + 2 * KV, D)
+            qkv = w.qkv(F.rms_norm(x, shape, None, eps)).view(B, H + 2 * KV, D)
             qk = qkv[:, :H + KV]
-            qk = qk * cos + rotate_half(qk) * sin
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # RoPE
             cache.k[i, :, :, L] = qk[:, H:]
             cache.v[i, :, :, L] = qkv[:, H + KV:]
             # Query heads sharing a KV head sit on the sequence axis, as in Attention: no repeated cache.
             q = qk[:, :H].reshape(B, KV, H // KV, D)
             out = F.scaled_dot_product_attention(q, cache.k[i, :, :, :L + 1], cache.v[i, :, :, :L + 1],
                                                  attn_mask=key_mask)
-            x = x + F.linear(out.reshape(B, H * D), w.o, w.o_bias)
-            gate, up = F.linear(self._norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+            x = x + w.o(out.reshape(B, H * D))
+            gate, up = w.gate_up(F.rms_norm(x, shape, None, eps)).chunk(2, dim=-1)
+            x = x + w.down(F.silu(gate) * up)
         cache.length = L + 1
-        return F.linear(self._norm(x, self.final_norm), self.lm_head)
+        return self.lm_head(F.rms_norm(x, shape, None, eps))
 
 
 def _version(p: torch.Tensor) -> int:
@@ -118,11 +124,12 @@ def _weights_key(model: Transformer) -> tuple:
 
 
 def fused_decoder(model: Transformer) -> FusedDecoder:
-    """The model's FusedDecoder, built once and rebuilt only when its weights have changed."""
-    key = _weights_key(model)
+    """The model's FusedDecoder, built once and rebuilt only when its weights or `decode_quantize` change."""
+    quantize = getattr(model, "decode_quantize", "none")
+    key = (_weights_key(model), quantize)
     cached = model.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
-    decoder = FusedDecoder(model)
+    decoder = FusedDecoder(model, quantize)
     model.__dict__[_CACHE_ATTR] = (key, decoder)
     return decoder

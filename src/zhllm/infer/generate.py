@@ -45,26 +45,39 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on CUDA; fp32 on CPU, where bf16 matrix-vector products are no faster in decoding
-    (see benchmarks/bench_decode.py) and fp32 keeps greedy outputs identical to transformers."""
+    """`auto`: bf16 on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), where decoding streams half the
+    bytes of fp32 through oneDNN (benchmarks/bench_decode.py); fp32 on other CPUs, where bf16 is emulated."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ZhllmError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]
 
 
+def cpu_has_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "auto",
-                       dtype: str | torch.dtype | None = "auto") -> tuple[Transformer, object]:
-    """(model in eval mode, tokenizer) from a checkpoint directory, checked to fit together."""
+                       dtype: str | torch.dtype | None = "auto", quantize: str = "none") -> tuple[Transformer, object]:
+    """(model in eval mode, tokenizer) from a checkpoint directory, checked to fit together.
+
+    quantize="int8": the decode step uses weight-only int8 copies of the matrices (CPU; see infer/linear.py);
+    the prompt is still run with the model's own weights.
+    """
+    from .linear import QUANTIZE
     from ..model.io import TOKENIZER_FILES, load_model
     from ..tokenizer.load import load_tokenizer
 
     dev = resolve_device(device)
+    if quantize not in QUANTIZE:
+        raise ZhllmError(f"unknown quantization {quantize!r} (use {', '.join(QUANTIZE)})")
+    if quantize == "int8" and dev.type != "cpu":
+        raise ZhllmError("int8 decoding runs on the CPU; on a GPU use bfloat16 (memory bandwidth is not the limit)")
     model = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev))
     if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
         raise ZhllmError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
@@ -72,6 +85,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "auto",
     tokenizer = load_tokenizer(path)
     check_vocab(model, tokenizer)
     model.generation_eos_ids = _generation_config_eos(Path(path))
+    model.decode_quantize = quantize
     return model, tokenizer
 
 
