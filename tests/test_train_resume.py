@@ -80,3 +80,21 @@ def test_existing_run_needs_resume_flag(tmp_path, shards, capsys):
     assert main(["pretrain", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "--resume auto" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compiled_layers_train_like_eager_and_save_plain_checkpoints(tmp_path, shards, capsys):
+    """train.compile: the same losses as eager to bf16 rounding, HF names in checkpoints, and eval samples
+    (generation) run eagerly instead of recompiling the layers for every cache shape."""
+    torch.set_num_threads(1)
+    common = {"precision": "bf16", "bf16_weights": True, "max_steps": 8}
+    eager = write_recipe(tmp_path / "a.yaml", shards, tmp_path / "a", **common)
+    compiled = write_recipe(tmp_path / "b.yaml", shards, tmp_path / "b", compile=True, **common)
+    run_inprocess(eager)
+    run_inprocess(compiled, "eval.prompts=[你好]", "eval.max_new_tokens=4")
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 9))
+    assert all(abs(a[s] - b[s]) < 2e-3 * a[s] for s in a), (a, b)
+    from zhllm.model.io import load_model
+    weights = load_model(tmp_path / "b" / "checkpoints" / "step_6").state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight" in weights and not any("_orig_mod" in k for k in weights)
+    assert "sample" in capsys.readouterr().out.lower()

@@ -11,6 +11,7 @@ with an attention mask for batches), then each new token goes through the fused 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -116,6 +117,11 @@ def default_stop_ids(tokenizer, model: Transformer | None = None) -> list[int]:
 
 
 # ---- the decode loop ----
+def _eager():
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  stop_ids: Iterable[int] = (), pad_id: int = 0,
                  finished: list[bool] | None = None) -> Iterator[list[int | None]]:
@@ -153,7 +159,8 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], params: S
             key_mask[i, longest - len(p):] = True
         ids, key_mask = ids.to(device), key_mask.to(device)
         cache = KVCache.empty(cfg, B, longest + max_new, dtype, device)
-        hidden = model.hidden_states(ids, attention_mask=key_mask[:, :longest] if padded else None, cache=cache)
+        with _eager():  # layers compiled for training would recompile for every new cache shape
+            hidden = model.hidden_states(ids, attention_mask=key_mask[:, :longest] if padded else None, cache=cache)
         logits = model.lm_head(hidden[:, -1])
         seen = None
         if params.repetition_penalty != 1.0:
