@@ -16,12 +16,14 @@ def shards(tmp_path_factory, tokenizer_dir, corpus):
     return make_shards(tmp_path_factory.mktemp("shards") / "s", tokenizer_dir, corpus)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_after_crash_is_bitwise_exact(tmp_path, shards, precision, capsys):
+@pytest.mark.parametrize("setup", [{"precision": "fp32"}, {"precision": "bf16"},
+                                   {"precision": "bf16", "bf16_weights": True, "compile": True}],
+                         ids=["fp32", "bf16", "26m-recipe-bf16-weights-compiled"])
+def test_resume_after_crash_is_bitwise_exact(tmp_path, shards, setup, capsys):
     torch.set_num_threads(1)  # the crashed subprocess runs with one thread too: same kernels, same bits
-    straight = write_recipe(tmp_path / "a.yaml", shards, tmp_path / "a", precision=precision)
+    straight = write_recipe(tmp_path / "a.yaml", shards, tmp_path / "a", **setup)
     run_inprocess(straight)
-    crashed = write_recipe(tmp_path / "b.yaml", shards, tmp_path / "b", precision=precision)
+    crashed = write_recipe(tmp_path / "b.yaml", shards, tmp_path / "b", **setup)
     died = run_cli(["pretrain", "--config", str(crashed)], env={"ZHLLM_FAIL_AT_STEP": "8"})
     assert died.returncode == 1, died.stderr[-2000:]
     assert sorted(train_losses(tmp_path / "b")) == list(range(1, 9))
