@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.chat import FORMATS
+
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
     """--input/--field/--strict/--txt-mode: how every data command reads a corpus (data/readers.py)."""
@@ -32,6 +34,30 @@ def register(root, groups) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_clean)
 
+    p = groups["data"].add_parser(
+        "tokenize-sft", help="encode chat files once into SFT shards that `zhllm sft` reads without encoding",
+        description="Render alpaca / ShareGPT / messages / prompt-response records with the tokenizer's chat "
+                    "template into OUT/{train,val}.{bin,mask,idx} + meta.json (ids, assistant-only loss mask, "
+                    "offsets). Give OUT as data.path to `zhllm sft`. Output bytes do not depend on --workers.")
+    p.add_argument("--tokenizer", required=True, help="tokenizer (or checkpoint) directory with a chat_template: "
+                                                      "the model you will fine-tune")
+    p.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH", help="SFT files, directories or globs")
+    p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
+    p.add_argument("--max-len", type=int, required=True,
+                   help="token limit per conversation; use the train.seq_len of your SFT recipe (or less)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="record format (default: detect per record)")
+    p.add_argument("--overflow", default="truncate", choices=("truncate", "skip"),
+                   help="too long: drop whole earlier turns (default) or skip the conversation")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="conversations held out as the val split, a seeded random subset (default 0); "
+                        "`zhllm sft` then needs data.val_fraction 0 or this value")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the val choice; with train.seed equal, the split matches training from the files")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_tokenize_sft)
+
 
 def _clean(args) -> None:
     from ..data.clean import clean_corpus, format_clean_report, load_clean_config
@@ -39,3 +65,11 @@ def _clean(args) -> None:
     report = clean_corpus(args.input, args.out, cfg, field=args.field, strict=args.strict,
                           txt_mode=args.txt_mode, workers=args.workers, progress=not args.no_progress)
     print(format_clean_report(report))
+
+
+def _tokenize_sft(a) -> None:
+    from ..data.sft_shards import tokenize_sft
+    report = tokenize_sft(a.input, a.tokenizer, a.out, max_len=a.max_len, fmt=a.format, overflow=a.overflow,
+                          val_fraction=a.val_fraction, seed=a.seed, strict=a.strict, workers=a.workers,
+                          progress=not a.no_progress)
+    print(report.table())

@@ -290,6 +290,18 @@ class SFTStats:
         if len(seen) < self.max_examples:
             seen.append(where)
 
+    def merge(self, other: "SFTStats") -> "SFTStats":
+        """Add the counts of a later stretch of input (a worker's unit) into self, keeping input order."""
+        for name in ("records", "conversations", "turns", "truncated", "trailing_user_dropped", "tokens",
+                     "trained_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.formats.update(other.formats)
+        self.skipped.update(other.skipped)
+        for reason, where in other.examples.items():
+            seen = self.examples.setdefault(reason, [])
+            seen.extend(where[:max(self.max_examples - len(seen), 0)])
+        return self
+
     def summary(self) -> str:
         lines = [f"records {self.records}, conversations {self.conversations}, assistant turns {self.turns}, "
                  f"formats {dict(self.formats)}",

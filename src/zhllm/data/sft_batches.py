@@ -51,6 +51,37 @@ def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def examples_to_arrays(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat int64 ids, flat uint8 loss mask, int64 lengths) of (input_ids, labels) examples.
+
+    A mask is enough because chat.py labels a trained token with its own id (it never shifts or rewrites
+    labels); this is checked here, since SFT shards store only the mask.
+    """
+    lengths = np.fromiter((len(ids) for ids, _ in examples), dtype=np.int64, count=len(examples))
+    total = int(lengths.sum())
+    ids = np.fromiter((t for x, _ in examples for t in x), dtype=np.int64, count=total)
+    labels = np.fromiter((t for _, y in examples for t in y), dtype=np.int64, count=total)
+    mask = labels != IGNORE
+    if not np.array_equal(labels[mask], ids[mask]):
+        raise ValueError("SFT labels must be the input ids where trained and -100 elsewhere")
+    return ids, mask.astype(np.uint8), lengths
+
+
+def choose_val_examples(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the n examples held out for validation: a seeded random subset of round(n*fraction).
+
+    Shared by the in-memory path and SFT shards, so both hold out exactly the same conversations.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ZhllmError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    if val_fraction and (n_val == 0 or n_val == n):
+        raise ZhllmError(f"{n} SFT examples cannot be split with val_fraction {val_fraction}")
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng([seed, 1]).permutation(n)[:n_val]] = True
+    return is_val
+
+
 class SFTDataset:
     """Rows of SFT examples, indexed by a global position (see module docstring).
 
@@ -61,21 +92,38 @@ class SFTDataset:
 
     def __init__(self, examples: list[Example], seq_len: int, packing: bool = True, seed: int = 0,
                  pad_id: int = 0, group_window: int = 64):
-        if not examples:
+        ids, mask, lengths = examples_to_arrays(examples)
+        self._setup(ids, mask, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), seq_len, packing,
+                    seed, pad_id, group_window)
+
+    @classmethod
+    def from_arrays(cls, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray, seq_len: int, packing: bool = True,
+                    seed: int = 0, pad_id: int = 0, group_window: int = 64) -> "SFTDataset":
+        """The dataset over flat arrays (e.g. memmaps of SFT shards; nothing is copied): `ids` and the per-token
+        loss `mask` (labels are ids where mask is set, -100 elsewhere) of all examples back to back, and the
+        example boundaries `offsets` (n + 1 of them, starting at 0)."""
+        self = cls.__new__(cls)
+        self._setup(ids, mask, offsets, seq_len, packing, seed, pad_id, group_window)
+        return self
+
+    def _setup(self, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray, seq_len: int, packing: bool,
+               seed: int, pad_id: int, group_window: int) -> None:
+        if len(offsets) < 2:
             raise ZhllmError("no SFT examples to train on (all records were skipped or the input is empty)")
+        if offsets[0] != 0 or offsets[-1] != len(ids) or len(mask) != len(ids):
+            raise ValueError(f"SFT arrays disagree: {len(ids)} ids, {len(mask)} mask entries, "
+                             f"offsets {int(offsets[0])}..{int(offsets[-1])}")
         self.seq_len, self.packing = seq_len, packing
         self.seed, self.pad_id, self.group_window = seed, pad_id, group_window
-        lengths = [len(ids) for ids, _ in examples]
         # One flat array per field: compact, and rows are filled by slicing instead of per-example tensors.
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self.flat_ids = np.fromiter((t for ids, _ in examples for t in ids), dtype=np.int64, count=self.offsets[-1])
-        self.flat_labels = np.fromiter((t for _, y in examples for t in y), dtype=np.int64, count=self.offsets[-1])
+        self.offsets, self.flat_ids, self.flat_mask = offsets, ids, mask
+        lengths = np.diff(offsets).tolist()
         if packing:
             self.rows = pack_best_fit(lengths, seq_len)
         else:
             if max(lengths) > seq_len:
                 raise ZhllmError(f"an SFT example has {max(lengths)} tokens, more than seq_len {seq_len}")
-            self.rows = [[i] for i in range(len(examples))]
+            self.rows = [[i] for i in range(len(lengths))]
         self.row_lengths = np.array([sum(lengths[i] for i in r) for r in self.rows], dtype=np.int64)
         self._order_cache: tuple[int, np.ndarray] | None = None
 
@@ -120,7 +168,7 @@ class SFTDataset:
                 a, z = off[i], off[i + 1]
                 n = z - a
                 ids[b, pos:pos + n] = self.flat_ids[a:z]
-                labels[b, pos:pos + n] = self.flat_labels[a:z]
+                labels[b, pos:pos + n] = np.where(self.flat_mask[a:z], ids[b, pos:pos + n], IGNORE)
                 labels[b, pos] = IGNORE  # nothing predicts a conversation's first token across a boundary
                 extra[b, pos:pos + n] = seg if self.packing else 1
                 pos += n
@@ -144,19 +192,17 @@ def build_sft_datasets(tokenizer, inputs, seq_len: int, fmt: str = "auto", max_l
     from .chat import SFTStats, encode_records
     from .readers import ReadStats, expand_inputs, iter_records
 
-    if not 0 <= val_fraction < 1:
+    if not 0 <= val_fraction < 1:  # before the slow encode
         raise ZhllmError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     max_len = min(max_len or seq_len, seq_len)
     stats, read_stats = SFTStats(), ReadStats()
     records = iter_records(expand_inputs(inputs), strict=strict, stats=read_stats)
     examples = encode_records(tokenizer, records, fmt=fmt, max_len=max_len, overflow=overflow, strict=strict,
                               stats=stats, progress=progress)
-    n_val = int(round(len(examples) * val_fraction))
-    if val_fraction and (n_val == 0 or n_val == len(examples)):
-        raise ZhllmError(f"{len(examples)} SFT examples cannot be split with val_fraction {val_fraction}")
-    is_val = np.zeros(len(examples), dtype=bool)
-    is_val[np.random.default_rng([seed, 1]).permutation(len(examples))[:n_val]] = True
+    is_val = choose_val_examples(len(examples), val_fraction, seed)
+    n_val = int(is_val.sum())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train = SFTDataset([e for e, v in zip(examples, is_val) if not v], seq_len, packing, seed, pad_id)
-    val = SFTDataset([e for e, v in zip(examples, is_val) if v], seq_len, packing, seed, pad_id) if n_val else None
+    train = SFTDataset([e for e, v in zip(examples, is_val, strict=True) if not v], seq_len, packing, seed, pad_id)
+    val = (SFTDataset([e for e, v in zip(examples, is_val, strict=True) if v], seq_len, packing, seed, pad_id)
+           if n_val else None)
     return train, val, stats, read_stats

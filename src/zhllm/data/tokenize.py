@@ -19,15 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import sys
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +30,7 @@ import numpy as np
 
 from ..errors import ZhllmError
 from ..fsutil import atomic_directory, atomic_write_text
+from .ordered_pool import imap_ordered
 from .shards import (TOKENIZER_SUBDIR, VERSION, ShardWriter, build_meta, open_shard_dir, token_dtype,
                      tokenizer_fingerprint, write_meta)
 
@@ -347,32 +343,8 @@ class _Group:
 
 def _map_in_order(units, worker_args: tuple, workers: int) -> Iterator[tuple[int, dict]]:
     """(unit index, tokenize_unit result) in input order; at most 2*workers units in flight (bounded memory)."""
-    if workers == 1:
-        _init_worker(*worker_args, single_threaded=False)
-        for unit, texts in units:
-            yield unit, tokenize_unit(texts)
-        return
-    # fork: workers start instantly (spawn would re-import torch via the zhllm package in each of them)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                               initializer=_init_worker, initargs=(*worker_args, True))
-    pending: deque = deque()
-    try:
-        for unit, texts in units:
-            pending.append((unit, pool.submit(tokenize_unit, texts)))
-            if len(pending) >= 2 * workers:
-                unit_done, fut = pending.popleft()
-                yield unit_done, fut.result()
-        while pending:
-            unit_done, fut = pending.popleft()
-            yield unit_done, fut.result()
-    except BrokenProcessPool:
-        raise ZhllmError("a tokenizer worker process died (out of memory?); rerun the same command to resume") \
-            from None
-    finally:
-        for _, fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+    return imap_ordered(tokenize_unit, units, workers, _init_worker, (*worker_args, workers > 1),
+                        died="a tokenizer worker process died (out of memory?); rerun the same command to resume")
 
 
 def _progress_bar(enabled: bool):

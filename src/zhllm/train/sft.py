@@ -28,11 +28,11 @@ ADAPTER_DIR = "adapter"
 
 @dataclass
 class SftDataSection:
-    path: list[str] = field(default_factory=list)  # chat files, directories or globs
+    path: list[str] = field(default_factory=list)  # chat files, directories or globs; or one SFT shard dir
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_response"] = "auto"
     max_len: Optional[int] = None     # longest conversation in tokens; default train.seq_len
     packing: bool = True              # several conversations per row, no attention across them
-    val_fraction: float = 0.02        # held out by a stable hash of each conversation
+    val_fraction: float = 0.02        # a seeded random subset of conversations; shards: 0 or their own
     overflow: Literal["truncate", "skip"] = "truncate"  # too long: drop whole earliest turns, or skip
     strict: bool = False
 
@@ -72,7 +72,7 @@ class SftConfig:
             raise ConfigError(f"{source}: the sft model section takes exactly `init_from: DIR` "
                               f"(got keys {sorted(self.model) or 'none'})")
         if not self.data.path:
-            raise ConfigError(f"{source}: data.path must name at least one chat file")
+            raise ConfigError(f"{source}: data.path must name chat files or an SFT shard directory")
         if self.train.max_steps is None and self.train.max_tokens is None:
             raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
         if not 0 <= self.data.val_fraction < 1:
@@ -90,14 +90,25 @@ def load_sft_config(path: str | Path, overrides: list[str] | None = None) -> tup
 
 
 def open_sft_data(cfg: SftConfig, tokenizer, log=print):
-    """(train, val or None) SFTDataset from the configured chat files, with the skip/truncation counts logged."""
+    """(train, val or None) SFTDataset from the configured chat files or SFT shard directory, with the
+    skip/truncation counts logged. Shards come with their encode options and val split (see sft_shards)."""
     from ..data.sft_batches import build_sft_datasets
+    from ..data.sft_shards import ENCODE_OPTIONS, find_sft_shards, sft_shard_datasets
     d, t = cfg.data, cfg.train
     if d.max_len and d.max_len > t.seq_len:
         raise ConfigError(f"data.max_len={d.max_len} exceeds train.seq_len={t.seq_len}")
-    train, val, stats, read_stats = build_sft_datasets(
-        tokenizer, list(d.path), t.seq_len, fmt=d.format, max_len=d.max_len, packing=d.packing,
-        val_fraction=d.val_fraction, seed=t.seed, overflow=d.overflow, strict=d.strict)
+    shards = find_sft_shards(list(d.path))
+    if shards is not None:
+        default = SftDataSection()
+        requested = {k: getattr(d, k) for k in ENCODE_OPTIONS if getattr(d, k) != getattr(default, k)}
+        train, val, stats, read_stats = sft_shard_datasets(shards, tokenizer, t.seq_len, packing=d.packing,
+                                                           seed=t.seed, val_fraction=d.val_fraction,
+                                                           requested=requested)
+        log(f"sft data: SFT shards {shards} (encoded by zhllm data tokenize-sft; val split as stored)")
+    else:
+        train, val, stats, read_stats = build_sft_datasets(
+            tokenizer, list(d.path), t.seq_len, fmt=d.format, max_len=d.max_len, packing=d.packing,
+            val_fraction=d.val_fraction, seed=t.seed, overflow=d.overflow, strict=d.strict)
     log(f"sft data: {read_stats.summary().splitlines()[0]}")
     log(f"sft data: {stats.summary()}")
     return train, val
