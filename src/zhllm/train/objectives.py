@@ -6,6 +6,7 @@ classes here. The trainer only needs `weight(batch)` and `loss(model, batch)`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -45,10 +46,18 @@ def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_
                            ignore_index=ignore_index, reduction="sum")
 
 
+@functools.cache
+def compiled_cross_entropy_sum():
+    """`token_cross_entropy_sum` through torch.compile: the upcast, log-softmax and gather become one fused
+    kernel instead of a (B*T, vocab) fp32 copy and two passes over it (26m on a CPU: ~8% of a step)."""
+    return torch.compile(token_cross_entropy_sum)
+
+
 class CausalLM:
     """Next-token prediction on packed windows of seq_len+1 tokens (inputs = [:-1], targets = [1:])."""
 
     name = "causal_lm"
+    cross_entropy_sum = staticmethod(token_cross_entropy_sum)  # the trainer swaps in the compiled one
 
     def weight(self, batch: torch.Tensor) -> float:
         return float(batch.shape[0] * (batch.shape[1] - 1))
@@ -56,13 +65,14 @@ class CausalLM:
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> LossOutput:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = model(inputs)
-        return LossOutput(token_cross_entropy_sum(logits, targets), self.weight(batch))
+        return LossOutput(self.cross_entropy_sum(logits, targets), self.weight(batch))
 
 
 class MaskedCausalLM:
     """Next-token loss on the tokens whose label is not -100 (assistant replies), for packed or padded rows."""
 
     name = "sft"
+    cross_entropy_sum = staticmethod(token_cross_entropy_sum)
 
     def weight(self, batch: dict) -> float:
         return float((batch["labels"][:, 1:] != -100).sum())
@@ -70,7 +80,7 @@ class MaskedCausalLM:
     def loss(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         extra = {k: batch[k] for k in ("segment_ids", "attention_mask") if k in batch}
         logits = model(batch["input_ids"], **extra)
-        loss = token_cross_entropy_sum(logits[:, :-1], batch["labels"][:, 1:])
+        loss = self.cross_entropy_sum(logits[:, :-1], batch["labels"][:, 1:])
         return LossOutput(loss, self.weight(batch))
 
 

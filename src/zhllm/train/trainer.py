@@ -59,6 +59,9 @@ class Trainer:
             par.apply_activation_checkpointing(self.model)
         if t.compile:
             par.apply_compile(self.model)
+            if hasattr(objective, "cross_entropy_sum"):
+                from .objectives import compiled_cross_entropy_sum
+                objective.cross_entropy_sum = compiled_cross_entropy_sum()
         self.wrapped = par.wrap_model(self.model, self.d, t.parallel, t.precision, t.ddp_powersgd)
         self.fsdp = par.is_fsdp(self.wrapped) and self.d.enabled
         self.optimizer = self._build_optimizer()
