@@ -1,10 +1,9 @@
 """What a run reports: console lines, metrics.jsonl, TensorBoard, MFU, and PNG plots of a run directory."""
 from __future__ import annotations
 
+import functools
 import json
 import math
-import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch
 GPU_PEAK_BF16 = {"H100": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, "A800": 312e12,
                  "L40S": 362e12, "L40": 181e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "A10": 125e12,
                  "V100": 125e12, "T4": 65e12}
-PEAK_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zhllm" / "matmul_peak.json"
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
@@ -37,38 +35,23 @@ def measure_matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> flo
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Known GPU peak, or on CPU a matmul peak measured once per (CPU, threads, dtype) and cached."""
+    """Known GPU peak, or on a CPU the matmul peak measured in this process (under a second on a modern CPU).
+
+    Not cached: a virtual machine reports the same CPU name on hosts of very different speed, and a peak
+    measured while another job held a core would understate every later run's peak (seen here: 0.9 vs 2.8
+    TFLOP/s on the same reported CPU)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_BF16.items():
             if key in name:
                 return peak / (2 if precision == "fp32" else 1)
         return None
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
-    cache = {}
-    try:
-        cache = json.loads(PEAK_CACHE.read_text())
-    except (OSError, json.JSONDecodeError):
-        pass
-    if key not in cache:
-        cache[key] = measure_matmul_peak(dtype)
-        try:
-            from ..fsutil import atomic_write_text
-            atomic_write_text(PEAK_CACHE, json.dumps(cache, indent=1))
-        except OSError:
-            pass  # a read-only home only costs a re-measurement next time
-    return cache[key]
+    return _cpu_peak(torch.float32 if precision == "fp32" else torch.bfloat16, torch.get_num_threads())
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+@functools.cache
+def _cpu_peak(dtype: torch.dtype, threads: int) -> float:
+    return measure_matmul_peak(dtype)  # once per process: runs in one process share a host
 
 
 def memory_gb(device: torch.device) -> float:
