@@ -19,6 +19,7 @@ TINY = [
     "pretrain.model.n_kv_heads=2",
     "pretrain.model.ffn_dim=128",
     "pretrain.train.max_steps=6",
+    "pretrain.train.compile=false",  # compiling is tested in test_train_resume; here it only costs time
     "pretrain.train.batch_size=4",
     "pretrain.train.seq_len=64",
     "pretrain.eval.every=3",
