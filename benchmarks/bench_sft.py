@@ -2,7 +2,8 @@
 
 Counts only real (non-pad) tokens, so padding waste shows up as lower tokens/s. Each variant runs in its own
 process so its peak RSS is its own. Default: the 26m preset, the real SFT sample in ../shared/data with the
-MiniMind tokenizer, seq 512, micro-batch 4, bf16 autocast.
+MiniMind tokenizer, seq 512, micro-batch 4, the 26m SFT recipe's settings (compiled layers; bf16 weights with
+fp32 masters for full fine-tuning, bf16 autocast for LoRA).
 
     python benchmarks/bench_sft.py [--steps 4] [--quick]
 """
@@ -44,11 +45,13 @@ def run_variant(packing: bool, lora: bool, steps: int, preset: str, seq: int, ba
         model = apply_lora(model, r=16, alpha=32)
     cfg = from_dict(SftConfig, {
         "model": {"init_from": "unused"}, "data": {"path": [data]},
-        "train": {"max_steps": 10 ** 6, "batch_size": batch, "seq_len": seq, "precision": "bf16"},
+        "train": {"max_steps": 10 ** 6, "batch_size": batch, "seq_len": seq, "precision": "bf16", "compile": True,
+                  "bf16_weights": not lora},  # the configs/sft/26m.yaml recipe (LoRA: bf16 autocast)
         "eval": {"every": 0}, "checkpoint": {"every": 0},
         "log": {"tensorboard": False, "progress": False, "plots": False}, "out_dir": "/tmp/zhllm-bench-sft"})
     tr = Trainer(cfg, MaskedCausalLM(), model, train, None, dist=Dist(), echo=lambda *_: None)
-    tr.train_step()  # warm-up
+    for _ in range(3):  # warm-up: compiles, and recompiles once for the varying widths of padded batches
+        tr.train_step()
     real = total = 0
     seconds = 0.0
     for _ in range(steps):

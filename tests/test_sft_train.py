@@ -86,6 +86,9 @@ def test_sft_config_errors_are_one_line(tmp_path, tiny_model_dir, sft_file):
     r = subprocess.run([sys.executable, "-m", "zhllm", "sft", "--config", "tiny", "--set", "lora.rank=4",
                         "--set", f"model.init_from={tiny_model_dir}"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown key 'lora.rank'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "zhllm", "sft", "--config", "26m", "--set", "lora.enabled=true",
+                        "--set", f"model.init_from={tiny_model_dir}"], capture_output=True, text=True)
+    assert r.returncode == 2 and "train.bf16_weights=false" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_sft_on_real_sample_lowers_val_loss_and_chats(tmp_path):

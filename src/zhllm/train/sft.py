@@ -79,6 +79,10 @@ class SftConfig:
             raise ConfigError(f"{source}: data.val_fraction must be in [0, 1)")
         if self.lora.qlora and not self.lora.enabled:
             raise ConfigError(f"{source}: lora.qlora needs lora.enabled: true")
+        if self.lora.enabled and self.train.bf16_weights:
+            # fp32 masters of a frozen base would only cost memory, and adapters train under autocast anyway
+            raise ConfigError(f"{source}: train.bf16_weights is for full fine-tuning; with lora.enabled set "
+                              "train.bf16_weights=false")
         return self
 
 
