@@ -1,9 +1,11 @@
 """Training throughput: the zhllm loop step vs transformers' LlamaForCausalLM + torch.optim.AdamW.
 
 Same shapes (default: the 26m preset, seq 512, micro-batch 4), same process, runs alternating so machine
-noise hits both alike. zhllm runs its 26m recipe (bf16 weights with fp32 masters, torch.compile per layer)
-and, for comparison, the same eager; transformers runs bf16 autocast over fp32 weights. Prints a markdown table with tokens/s, MFU
-against the bf16 matmul peak measured here, and the data-loading share of the zhllm step.
+noise hits both alike. zhllm runs its 26m recipe (precision auto: bf16 weights with fp32 masters where this CPU
+multiplies bf16 at least as fast as fp32, else fp32; torch.compile per layer) and, for comparison, bf16 weights
+eager; transformers runs bf16 autocast over fp32 weights. Prints a markdown table with tokens/s, MFU against
+the matmul peak measured here for the precision each row computes in (bf16 and fp32 peaks both printed), and
+the data-loading share of the zhllm step.
 
     python benchmarks/bench_train.py [--preset 26m] [--steps 5] [--rounds 3] [--variants]
 """
@@ -22,13 +24,13 @@ from zhllm.config import from_dict
 from zhllm.model.config import model_config_from
 from zhllm.model.io import new_model
 from zhllm.train.config import RunConfig
-from zhllm.train.metrics import flops_per_token, measure_matmul_peak
+from zhllm.train.metrics import cpu_matmul_peak, flops_per_token
 from zhllm.train.objectives import CausalLM
 from zhllm.train.parallel import Dist
 from zhllm.train.trainer import Trainer
 
 
-RECIPE = "zhllm, 26m recipe: bf16 weights + fp32 masters, compiled layers"
+RECIPE = "zhllm, 26m recipe (precision auto, compiled layers)"
 
 
 def synthetic_shards(out: Path, vocab: int, tokens: int) -> Path:
@@ -51,7 +53,7 @@ def synthetic_shards(out: Path, vocab: int, tokens: int) -> Path:
 def zhllm_trainer(preset: str, seq: int, batch: int, shards: Path, run_dir: Path, **train) -> Trainer:
     cfg = from_dict(RunConfig, {
         "model": {"preset": preset}, "data": {"path": [str(shards)]},
-        "train": {"max_steps": 10 ** 6, "batch_size": batch, "seq_len": seq, "precision": "bf16", **train},
+        "train": {"max_steps": 10 ** 6, "batch_size": batch, "seq_len": seq, **train},
         "eval": {"every": 0}, "checkpoint": {"every": 0},
         "log": {"tensorboard": False, "progress": False, "plots": False}, "out_dir": str(run_dir)})
     from zhllm.data.shards import PackedTokenDataset
@@ -105,7 +107,7 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true", help="also time zhllm with bf16 autocast and in fp32")
     args = ap.parse_args()
 
-    peak = measure_matmul_peak(torch.bfloat16)
+    peaks = {p: cpu_matmul_peak(dtype) for p, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     cfg = model_config_from(args.preset)
     fpt = flops_per_token(cfg, args.seq)
     tokens = args.batch * args.seq
@@ -113,11 +115,14 @@ def main() -> None:
         shards = synthetic_shards(Path(tmp) / "shards", cfg.vocab_size, tokens * (args.steps + 2) * args.rounds * 8)
         def run(name: str, **train) -> Trainer:
             return zhllm_trainer(args.preset, args.seq, args.batch, shards, Path(tmp) / name, **train)
-        runs = {RECIPE: run("a", bf16_weights=True, compile=True),
-                "zhllm loop, bf16 weights + fp32 masters, eager": run("b", bf16_weights=True)}
+        runs = {RECIPE: run("a", precision="auto", bf16_weights=True, compile=True),
+                "zhllm loop, bf16 weights + fp32 masters, eager": run("b", precision="bf16", bf16_weights=True)}
         if args.variants:
-            runs["zhllm loop, bf16 autocast"] = run("c")
+            runs["zhllm loop, bf16 autocast"] = run("c", precision="bf16")
             runs["zhllm loop, fp32"] = run("d", precision="fp32")
+            runs["zhllm loop, fp32, compiled layers"] = run("e", precision="fp32", compile=True)
+        computes_in = {name: tr.cfg.train.precision for name, tr in runs.items()}
+        computes_in["transformers LlamaForCausalLM + AdamW"] = "bf16"
         hf = HFBaseline(args.preset, args.seq, args.batch, cfg.vocab_size)
         times = {name: [] for name in [*runs, "transformers LlamaForCausalLM + AdamW"]}
         cpu = {name: [] for name in times}
@@ -141,15 +146,18 @@ def main() -> None:
     base_cpu = statistics.median(cpu["transformers LlamaForCausalLM + AdamW"])
     threads = torch.get_num_threads()
     print(f"\n{args.preset} preset, seq {args.seq}, micro-batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; bf16 matmul peak measured: {peak / 1e9:.0f} GFLOP/s; "
+          f"torch {torch.__version__}; matmul peak measured: bf16 {peaks['bf16'] / 1e9:.0f}, "
+          f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s; the recipe's precision auto chose {computes_in[RECIPE]}; "
           f"{fpt / 1e6:.1f} MFLOP/token\n")
     print("Wall-clock columns suffer from other processes on a shared machine; the CPU-time columns divide the\n"
           "process CPU seconds by the thread count, an estimate of the step time on an idle machine.\n")
+    print("MFU is against the peak of the precision a row computes in.\n")
     print("| run | s/step (wall) | tokens/s (wall) | MFU (wall) | vs transformers (wall) "
           "| s/step (CPU/threads) | tokens/s (CPU) | MFU (CPU) | vs transformers (CPU) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, ts in times.items():
         s, c = statistics.median(ts), statistics.median(cpu[name]) / threads
+        peak = peaks[computes_in[name]]
         print(f"| {name} | {s:.3f} | {tokens / s:.0f} | {tokens / s * fpt / peak * 100:.1f}% | {base / s:.2f}x "
               f"| {c:.3f} | {tokens / c:.0f} | {tokens / c * fpt / peak * 100:.1f}% | {base_cpu / threads / c:.2f}x |")
     print(f"\nzhllm data loading share of step time: {statistics.median(shares) * 100:.2f}%")

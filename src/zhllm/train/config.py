@@ -35,8 +35,8 @@ class TrainSection:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0             # 0 disables clipping
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    bf16_weights: bool = False         # bf16 model + fp32 master copies in the optimizer (no autocast casts)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: see train/precision.py
+    bf16_weights: bool = False         # when training in bf16: bf16 model + fp32 masters in the optimizer
     seed: int = 0
     compile: bool = False
     activation_checkpointing: bool = False
@@ -93,8 +93,8 @@ class RunConfig:
         if self.data.weights is not None and len(self.data.weights) != len(self.data.path):
             raise ConfigError(f"{source}: data.weights has {len(self.data.weights)} entries "
                               f"for {len(self.data.path)} data.path entries")
-        if t.bf16_weights and (t.precision != "bf16" or t.parallel == "fsdp"):
-            raise ConfigError(f"{source}: train.bf16_weights needs precision bf16 and parallel none or ddp "
+        if t.bf16_weights and (t.precision not in ("bf16", "auto") or t.parallel == "fsdp"):
+            raise ConfigError(f"{source}: train.bf16_weights needs precision bf16 or auto and parallel none or ddp "
                               "(FSDP has its own MixedPrecisionPolicy)")
         model_fields(self.model, source)  # fail at start-up on a typo in a model field
         if not 0 < t.decay_fraction <= 1:

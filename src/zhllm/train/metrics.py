@@ -46,7 +46,12 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
             if key in name:
                 return peak / (2 if precision == "fp32" else 1)
         return None
-    return _cpu_peak(torch.float32 if precision == "fp32" else torch.bfloat16, torch.get_num_threads())
+    return cpu_matmul_peak(torch.float32 if precision == "fp32" else torch.bfloat16)
+
+
+def cpu_matmul_peak(dtype: torch.dtype) -> float:
+    """The CPU matmul peak in FLOP/s for a dtype, measured once per process and thread count."""
+    return _cpu_peak(dtype, torch.get_num_threads())
 
 
 @functools.cache

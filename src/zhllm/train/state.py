@@ -37,6 +37,7 @@ class TrainerState:
     skipped_steps: int = 0         # non-finite steps skipped in total
     val_loss: float | None = None  # last eval
     best_val_loss: float | None = None
+    precision: str | None = None   # what the run trains in (train.precision auto is resolved once, at start)
     rng: dict = field(default_factory=dict)
 
     def to_json(self) -> str:

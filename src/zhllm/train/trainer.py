@@ -7,6 +7,7 @@ the same windows in the same steps, so resumed runs reproduce uninterrupted ones
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -26,6 +27,7 @@ from .master import MasterWeights
 from .metrics import MetricsLogger, flops_per_token, memory_gb, peak_flops, plot_run, train_line
 from .objectives import Objective, to_device
 from .optim import build_optimizer, lr_at, parameter_groups, set_lr
+from .precision import resolve_precision
 from .state import (TrainerState, capture_rng, load_optimizer_state, load_trainer_state, restore_rng,
                     save_checkpoint_atomic)
 
@@ -51,7 +53,9 @@ class Trainer:
         self.echo = echo if self.d.is_main else (lambda *_: None)
         self.run_dir = Path(cfg.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        t = cfg.train
+        resumed = load_trainer_state(resume_dir) if resume_dir is not None else None
+        t = self._concrete_precision(cfg.train, resumed)
+        self.cfg = cfg = dataclasses.replace(cfg, train=t)
         self.model = model.to(self.d.device)  # fp32 master weights; bf16 comes from autocast / FSDP policy
         self.model.train()
         self.master = MasterWeights(self.model) if t.bf16_weights else None
@@ -67,7 +71,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.autocast = self._autocast()
         self.scaler = torch.amp.GradScaler(self.d.device.type) if t.precision == "fp16" else None
-        self.state = TrainerState()
+        self.state = TrainerState(precision=t.precision)
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * self.d.world
         self.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.max_tokens / self.tokens_per_step)
         self.stop_requested = False
@@ -76,6 +80,13 @@ class Trainer:
             self._resume(resume_dir)
 
     # ---- setup ----
+    def _concrete_precision(self, t, resumed: TrainerState | None):
+        """train with `precision: auto` resolved (train/precision.py); bf16_weights only applies to bf16."""
+        precision = resolve_precision(t.precision, self.d, resumed.precision if resumed else None, self.echo)
+        if t.bf16_weights and precision != "bf16":
+            self.echo(f"train.bf16_weights ignored: training in {precision}")
+        return dataclasses.replace(t, precision=precision, bf16_weights=t.bf16_weights and precision == "bf16")
+
     def _build_optimizer(self):
         t = self.cfg.train
         groups = parameter_groups(self.model, t.weight_decay)
@@ -99,6 +110,7 @@ class Trainer:
         optim_sd = load_optimizer_state(ckpt)
         par.load_optimizer_full(self.wrapped, self.optimizer, optim_sd, positional=self.master is not None)
         restore_rng(self.state.rng)
+        self.state.precision = self.cfg.train.precision
         self.echo(f"resumed from {ckpt} at step {self.state.step} (data position {self.state.data_position})")
 
     # ---- one optimizer step ----
