@@ -84,7 +84,7 @@ class Trainer:
         """train with `precision: auto` resolved (train/precision.py); bf16_weights only applies to bf16."""
         precision = resolve_precision(t.precision, self.d, resumed.precision if resumed else None, self.echo)
         if t.bf16_weights and precision != "bf16":
-            self.echo(f"train.bf16_weights ignored: training in {precision}")
+            self.echo(f"training in {precision}: train.bf16_weights (for bf16) does not apply")
         return dataclasses.replace(t, precision=precision, bf16_weights=t.bf16_weights and precision == "bf16")
 
     def _build_optimizer(self):
