@@ -97,6 +97,14 @@ def test_training_runs_and_keeps_checkpoints(tmp_path):
     assert steps == [6] or steps == [3, 6]  # keep 1 plus the best
 
 
+def test_no_eta_from_the_warm_up_window(tmp_path):
+    from zhllm.train.metrics import read_metrics, train_line
+    make_trainer(tmp_path, max_steps=4).fit()
+    train = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert train[0]["step"] == 1 and train[0]["eta_s"] is None and "eta -" in train_line(train[0])
+    assert all(r["eta_s"] is not None for r in train[1:]) and "eta 0m00s" in train_line(train[-1])
+
+
 class NaNAt:
     """CausalLM whose loss is NaN on chosen calls (counting micro-batches)."""
     name = "nan"

@@ -109,7 +109,7 @@ class MetricsLogger:
 def train_line(r: dict) -> str:
     mfu = f" mfu {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
     return (f"step {r['step']}/{r['max_steps']} loss {r['loss']:.4f} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
-            f"tok/s {r['tokens_per_s']:.0f}{mfu} mem {r['memory_gb']:.2f}GB eta {format_eta(r['eta_s'])}")
+            f"tok/s {r['tokens_per_s']:.0f}{mfu} mem {r['memory_gb']:.2f}GB eta {'-' if r['eta_s'] is None else format_eta(r['eta_s'])}")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

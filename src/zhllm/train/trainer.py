@@ -224,6 +224,7 @@ class Trainer:
         if bar is not None:
             logger.echo = bar.write
         window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0}
+        warming_up = True  # the first window holds kernel selection and compilation: no ETA from it
         saved_at = st.step if st.step else None
         t_start = time.perf_counter()
         try:
@@ -246,8 +247,10 @@ class Trainer:
                            "data_share": window["data"] / max(window["time"], 1e-9),
                            "memory_gb": memory_gb(self.d.device), "tokens_seen": st.tokens_seen,
                            "skipped_steps": st.skipped_steps,
-                           "eta_s": (self.max_steps - st.step) * window["time"] / max(window["tokens"] / self.tokens_per_step, 1)}
+                           "eta_s": None if warming_up else
+                           (self.max_steps - st.step) * window["time"] / max(window["tokens"] / self.tokens_per_step, 1)}
                     logger.log(rec, train_line(rec))
+                    warming_up = False
                     window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0}
                 last = st.step == self.max_steps
                 if cfg.eval.every and (st.step % cfg.eval.every == 0 or last):
