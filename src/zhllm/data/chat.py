@@ -15,8 +15,10 @@ Labels are aligned with input_ids (the objective shifts them), as in transformer
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -365,3 +367,18 @@ def encode_records(tokenizer, records: Iterable[Any], fmt: str = "auto", max_len
         stats.trained_tokens += sum(t != IGNORE for t in labels)
         out.append((ids, labels))
     return out
+
+
+@contextmanager
+def tokenizers_single_threaded() -> Iterator[None]:
+    """Rayon threads cost more than they give on one conversation's few messages (one worker on a 10k-record
+    file: 1,277 -> 1,628 records/s; in-process encoding of 20k alpaca records: 43-48 s -> 29-34 s).
+    A TOKENIZERS_PARALLELISM set by the user wins. Worker processes inherit it."""
+    if "TOKENIZERS_PARALLELISM" in os.environ:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)

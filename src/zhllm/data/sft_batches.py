@@ -189,7 +189,7 @@ def build_sft_datasets(tokenizer, inputs, seq_len: int, fmt: str = "auto", max_l
     The validation conversations are a seeded random subset (val_fraction of the good ones), chosen before
     packing, so no conversation is ever split between the two sets.
     """
-    from .chat import SFTStats, encode_records
+    from .chat import SFTStats, encode_records, tokenizers_single_threaded
     from .readers import ReadStats, expand_inputs, iter_records
 
     if not 0 <= val_fraction < 1:  # before the slow encode
@@ -197,8 +197,9 @@ def build_sft_datasets(tokenizer, inputs, seq_len: int, fmt: str = "auto", max_l
     max_len = min(max_len or seq_len, seq_len)
     stats, read_stats = SFTStats(), ReadStats()
     records = iter_records(expand_inputs(inputs), strict=strict, stats=read_stats)
-    examples = encode_records(tokenizer, records, fmt=fmt, max_len=max_len, overflow=overflow, strict=strict,
-                              stats=stats, progress=progress)
+    with tokenizers_single_threaded():
+        examples = encode_records(tokenizer, records, fmt=fmt, max_len=max_len, overflow=overflow, strict=strict,
+                                  stats=stats, progress=progress)
     is_val = choose_val_examples(len(examples), val_fraction, seed)
     n_val = int(is_val.sum())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -27,7 +27,6 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import numpy as np
 
 from ..errors import ConfigError, ZhllmError
 from ..fsutil import atomic_directory, atomic_write_text
-from .chat import FORMATS, SFTStats, encode_records
+from .chat import FORMATS, SFTStats, encode_records, tokenizers_single_threaded
 from .ordered_pool import imap_ordered
 from .read_stats import ReadStats
 from .sft_batches import SFTDataset, choose_val_examples, examples_to_arrays
@@ -58,20 +57,6 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer, options: dict, dtype: str) -> None:
     _WORKER.update(tok=tokenizer, options=options, dtype=np.dtype(dtype))
-
-
-@contextmanager
-def _tokenizers_single_threaded() -> Iterator[None]:
-    """Rayon threads cost more than they give on one conversation's few messages (one worker on a 10k-record
-    file: 1,277 -> 1,628 records/s); a TOKENIZERS_PARALLELISM set by the user wins. Workers inherit it."""
-    if "TOKENIZERS_PARALLELISM" in os.environ:
-        yield
-        return
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
 def encode_unit(records: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, SFTStats]:
@@ -198,7 +183,7 @@ def _encode_all(tmp: Path, records: Iterable, tokenizer, options: dict, dtype: n
     lengths = []
     bar = tqdm(desc="tokenize sft", unit="rec", disable=not progress, dynamic_ncols=True)
     try:
-        with open(tmp / ".all.bin", "wb") as fb, open(tmp / ".all.mask", "wb") as fm, _tokenizers_single_threaded():
+        with open(tmp / ".all.bin", "wb") as fb, open(tmp / ".all.mask", "wb") as fm, tokenizers_single_threaded():
             for n, (ids, mask, lens, unit_stats) in imap_ordered(
                     encode_unit, _units(records, UNIT_RECORDS), workers, _init_worker, (tokenizer, options, dtype.name),
                     died="an SFT encoding worker died (out of memory?); rerun with fewer --workers"):
