@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from zhllm.infer.generate import generate_ids
+from zhllm.infer.native import native_decode
 from zhllm.model.config import model_config_from
 from zhllm.model.io import load_model, new_model, save_model
 
@@ -115,7 +116,9 @@ def main() -> None:
         target = f">= {TARGET_RATIO:g}x: {'met' if ratio >= TARGET_RATIO else 'missed'}" if "batch 1," in figure else "-"
         print(f"| {figure} | {r['ours']:.1f} | {r['theirs']:.1f} | {ratio:.1f}x | {target} | {r['ours_cpu']:.1f} | "
               f"{r['theirs_cpu']:.1f} | {cpu_ratio:.1f}x | {r['same_rows']} |")
-    print("\nint8 rows: zhllm with weight-only int8 matrices and bf16 activations; transformers in bf16.")
+    print("\nint8 rows: zhllm with weight-only int8 matrices and bf16 activations (batch 1: the native step of "
+          f"infer/native.py, {'built' if native_decode() is not None else 'NOT available, PyTorch step'}); "
+          "transformers in bf16.")
 
 
 if __name__ == "__main__":

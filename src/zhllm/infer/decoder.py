@@ -48,7 +48,8 @@ class FusedDecoder:
     """Decode one token per row: `step(tokens (B,), positions (B,), cache, key_mask) -> logits (B, V)`.
 
     quantize: `none` (the model's weights, prepacked where the device has a faster layout) or `int8`
-    (weight-only int8 copies, CPU): see `infer/linear.py`.
+    (weight-only int8 copies, CPU): see `infer/linear.py`. int8 steps at batch 1 in bf16 run in the native
+    step of `infer/native.py` where it can be built.
     """
 
     def __init__(self, model: Transformer, quantize: str = "none"):
@@ -64,6 +65,20 @@ class FusedDecoder:
             # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
             self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(model.lm_head.weight.device)
         self.embed = model.model.embed_tokens.weight
+        self.native = self._native_module(quantize)
+
+    def _native_module(self, quantize: str):
+        """The compiled batch-1 int8 step (infer/native.py) where it applies: int8 without biases, bf16."""
+        if quantize != "int8" or self.embed.dtype != torch.bfloat16 or self.head_dim > 256:
+            return None
+        mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
+        if any(m.bias is not None for m in mats):
+            return None
+        from .native import native_decode
+        module = native_decode()
+        if module is not None:
+            self.int8_weights, self.int8_scales = [m.q for m in mats], [m.scale for m in mats]
+        return module
 
     @staticmethod
     def _fuse(layer, linear) -> FusedLayer:
@@ -90,6 +105,12 @@ class FusedDecoder:
         L = cache.length
         if L + 1 > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions, asked for {L + 1}")
+        if self.native is not None and B == 1 and key_mask is None:
+            cos, sin = self.model.rope(positions[:, None], self.embed.dtype, L + 1)
+            logits = self.native.decode_step(int(tokens[0]), L, self.int8_weights, self.int8_scales, cache.k,
+                                             cache.v, self.embed, cos[0, 0, 0], sin[0, 0, 0], H, KV, self.eps)
+            cache.length = L + 1
+            return logits
         x = F.embedding(tokens, self.embed)
         cos, sin = self.model.rope(positions[:, None], x.dtype, L + 1)
         cos, sin = cos[:, 0], sin[:, 0] * self.sin_sign.to(x.dtype)  # (B, 1, D): broadcast over heads

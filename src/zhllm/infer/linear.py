@@ -52,19 +52,27 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-def int8(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
-    if weight.device.type != "cpu":
-        raise ZhllmError("int8 decoding runs on the CPU; on a GPU use bfloat16 (memory bandwidth is not the limit)")
-    q, scale = quantize_int8(weight)
-    mm = torch._weight_int8pack_mm
-    if weight.dtype == torch.float32 and _onednn_available(weight.bfloat16()):
+class Int8Linear:
+    """x @ (q * scale[:, None]).T + bias with `_weight_int8pack_mm`; q and scale are read by the native step."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        if weight.device.type != "cpu":
+            raise ZhllmError("int8 decoding runs on the CPU; on a GPU use bfloat16 (memory bandwidth is not the limit)")
+        self.q, scale = quantize_int8(weight)
+        self.bias = bias
         # PyTorch's int8 kernel is several times faster with bf16 activations than with fp32 ones.
-        scale = scale.bfloat16()
-        f = lambda x: mm(x.bfloat16(), q, scale).float()  # noqa: E731
-    else:
-        scale = scale.to(weight.dtype)
-        f = lambda x: mm(x, q, scale)  # noqa: E731
-    return f if bias is None else (lambda x: f(x) + bias)
+        self.upcast = weight.dtype == torch.float32 and _onednn_available(weight.bfloat16())
+        self.scale = scale.to(torch.bfloat16 if self.upcast else weight.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upcast:
+            y = torch._weight_int8pack_mm(x.bfloat16(), self.q, self.scale).float()
+        else:
+            y = torch._weight_int8pack_mm(x, self.q, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+int8 = Int8Linear
 
 
 def decode_linear(quantize: str) -> Callable[[torch.Tensor, torch.Tensor | None], LinearFn]:
