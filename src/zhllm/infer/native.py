@@ -15,7 +15,7 @@ from pathlib import Path
 DISABLE_ENV = "ZHLLM_NATIVE_DECODE"
 _SOURCE = Path(__file__).with_name("csrc") / "decode_int8.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffast-math", "-fno-finite-math-only"]
-_NAME = "zhllm_decode_int8_v1"
+_VERSION = 1  # bump when csrc/decode_int8.cpp changes
 _module: object | None = None
 _tried = False
 
@@ -30,7 +30,7 @@ def native_decode():
         from torch.utils.cpp_extension import load
         if not _built():
             print("zhllm: compiling the native int8 decode step (once, about 40 s)", file=sys.stderr, flush=True)
-        _module = load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False)
+        _module = load(name=_name(), sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False)
     except Exception as e:  # no compiler, no ninja, no headers: the PyTorch step still works
         reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
         print(f"zhllm: native int8 decode step unavailable ({reason}); using the PyTorch step",
@@ -39,10 +39,17 @@ def native_decode():
     return _module
 
 
+def _name() -> str:
+    """Built with -march=native: the name carries the CPU's vector level, so a cache shared by different
+    machines (a network home directory) never hands one CPU another's instructions."""
+    import torch
+    return f"zhllm_decode_int8_v{_VERSION}_{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
 def _built() -> bool:
     """Whether PyTorch's extension cache already holds the compiled step (so loading it is quick)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
-        return (Path(_get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").is_file()
+        return (Path(_get_build_directory(_name(), verbose=False)) / f"{_name()}.so").is_file()
     except Exception:  # a private helper: if it moves, say nothing rather than something wrong
         return True
