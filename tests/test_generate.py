@@ -87,14 +87,14 @@ def test_bf16_and_int8_decode_steps_stay_close_to_the_forward(quantize):
 
 
 def test_int8_weights_round_trip_within_half_a_step():
-    from zhllm.infer.linear import int8, quantize_int8
+    from zhllm.infer.linear import Int8Linear, quantize_int8
     w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
     w[3] = 0  # an all-zero row must not divide by zero
     q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and q.abs().max() <= 127
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
     x = torch.randn(5, 64, dtype=torch.bfloat16)
-    y = int8(w.bfloat16(), None)(x)
+    y = Int8Linear(w.bfloat16(), None)(x)
     ref = x.float() @ (q.float() * scale.bfloat16().float()[:, None]).T
     assert (y.float() - ref).norm() / ref.norm() < 1e-2  # bf16 output rounding only
 

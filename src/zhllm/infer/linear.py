@@ -7,7 +7,7 @@ well the kernel streams them. Each function here takes a weight (out, in) and an
 - `dense`: `F.linear`, for fp32 and for any device without a better kernel (CUDA: cuBLAS).
 - bf16 on a CPU with oneDNN: the weight is reordered once into oneDNN's blocked layout, which streams it
   about 1.7x faster than `F.linear` on the same bf16 weight (benchmarks/bench_decode.py).
-- `int8`: weight-only int8 with one fp scale per output row (symmetric, round to nearest), multiplied by
+- `Int8Linear`: weight-only int8 with one fp scale per output row (symmetric, round to nearest), multiplied by
   PyTorch's `_weight_int8pack_mm` kernel: a quarter of the fp32 bytes. Activations stay in the model's dtype.
 """
 from __future__ import annotations
@@ -72,11 +72,9 @@ class Int8Linear:
         return y if self.bias is None else y + self.bias
 
 
-int8 = Int8Linear
-
 
 def decode_linear(quantize: str) -> Callable[[torch.Tensor, torch.Tensor | None], LinearFn]:
     """The builder of decode-step products for a quantization mode (`none` or `int8`)."""
     if quantize not in QUANTIZE:
         raise ZhllmError(f"unknown quantization {quantize!r} (use {', '.join(QUANTIZE)})")
-    return int8 if quantize == "int8" else prepacked
+    return Int8Linear if quantize == "int8" else prepacked

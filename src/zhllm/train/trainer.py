@@ -77,7 +77,7 @@ class Trainer:
         self.stop_requested = False
         self.consecutive_nonfinite = 0
         if resume_dir is not None:
-            self._resume(resume_dir)
+            self._resume(resume_dir, resumed)
 
     # ---- setup ----
     def _concrete_precision(self, t, resumed: TrainerState | None):
@@ -105,8 +105,8 @@ class Trainer:
         dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
         return torch.autocast(self.d.device.type, dtype=dtype)
 
-    def _resume(self, ckpt: Path) -> None:
-        self.state = load_trainer_state(ckpt)
+    def _resume(self, ckpt: Path, state: TrainerState) -> None:
+        self.state = state
         optim_sd = load_optimizer_state(ckpt)
         par.load_optimizer_full(self.wrapped, self.optimizer, optim_sd, positional=self.master is not None)
         restore_rng(self.state.rng)
