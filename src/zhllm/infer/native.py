@@ -23,7 +23,9 @@ _tried = False
 def native_decode():
     """The compiled module (`decode_step`), or None where it cannot be built (said once on stderr)."""
     global _module, _tried
-    if _tried or os.environ.get(DISABLE_ENV, "1") == "0":
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    if _tried:
         return _module
     _tried = True
     try:
