@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal_attention import causal_attention
 from .config import ModelConfig
 
 
@@ -119,7 +120,7 @@ class Attention(nn.Module):
             if group > 1:
                 k = k[:, :, None].expand(B, self.n_kv, group, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
                 v = v[:, :, None].expand(B, self.n_kv, group, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            out = causal_attention(q, k, v) if mask is None else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
