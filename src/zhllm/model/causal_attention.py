@@ -1,12 +1,15 @@
-"""Causal self-attention, with a faster backward for compiled CPU training.
+"""Causal self-attention, with a faster bf16 backward for compiled CPU training.
 
-PyTorch's CPU flash-attention backward is its slowest kernel in a training step: on the 26m preset it ran
-at about 6% of the bf16 matmul peak on an AMX CPU, and took 71 ms of a 90 ms attention call per layer in
-bf16 on an AVX512 one. The backward below recomputes the probabilities from the forward's log-sum-exp, one
-block of 128 query rows at a time against only the keys that block can see, so it is a few batched matmuls
-plus elementwise work that inductor fuses: 97 -> 69 ms (bf16) and 54 -> 47 ms (fp32) per layer call,
-forward and backward, on that AVX512 CPU. Eagerly the unfused elementwise work costs more than it saves, so
-the blocked backward is used only inside `torch.compile` (the trainer's `train.compile`).
+PyTorch's CPU flash-attention backward computes in fp32 whatever the input dtype, so in bf16 it is the
+slowest kernel of a training step: on the 26m preset it ran at about 6% of the bf16 matmul peak on an AMX
+CPU, and took 71 of the 90 ms of an attention call per layer on an AVX512 one. The backward below
+recomputes the probabilities from the forward's log-sum-exp, one block of 128 query rows at a time against
+only the keys that block can see, so it is a few bf16 batched matmuls plus elementwise work that inductor
+fuses. Per layer call, forward and backward, on that AVX512 CPU: 97 -> 69 ms at the 26m shape (batch 4,
+seq 512, 8 heads of 64), 39 -> 29 ms at the demo's (batch 8, seq 256, 8 heads of 32), 114 -> 108 ms at
+seq 1024; but 156 -> 179 ms at seq 2048, where a block's score rows no longer fit in cache, and in fp32 it
+measured within 10% of PyTorch's either way. Eagerly the unfused elementwise work costs more than it saves.
+So it is used for bf16, sequences up to 1024, inside `torch.compile` (the trainer's `train.compile`).
 """
 from __future__ import annotations
 
@@ -14,15 +17,16 @@ import torch
 import torch.nn.functional as F
 
 BLOCK = 128  # query rows per block: 64 and 256 both measured slower at seq 512
+MAX_SEQ = 1024
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + causal mask) v for (B, heads, T, head_dim) tensors of equal head count."""
-    if q.device.type == "cpu" and torch.compiler.is_compiling() and q.requires_grad:
+    if q.device.type == "cpu" and torch.compiler.is_compiling() and q.requires_grad and q.shape[2] <= MAX_SEQ:
         if torch.is_autocast_enabled("cpu"):  # SDPA is on autocast's low-precision list; do as it would
             dtype = torch.get_autocast_dtype("cpu")
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        if q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype:
+        if q.dtype == k.dtype == v.dtype == torch.bfloat16:
             return _FlashForwardBlockedBackward.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
