@@ -7,7 +7,7 @@ bf16 where auto chose fp32; transformers runs bf16 autocast over fp32 weights. P
 tokens/s, MFU against the matmul peak measured here for the precision each row computes in (bf16 and fp32
 peaks both printed), and the data-loading share of the zhllm step.
 
-    python benchmarks/bench_train.py [--preset 26m] [--steps 5] [--rounds 3] [--variants]
+    python benchmarks/bench_train.py [--preset 26m] [--steps 5] [--rounds 5] [--variants]
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
     ap.add_argument("--variants", action="store_true",
                     help="also time zhllm eager with bf16 weights, bf16 autocast, fp32, and fp32 compiled")
     args = ap.parse_args()
