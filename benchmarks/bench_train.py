@@ -146,7 +146,8 @@ def main() -> None:
             c0 = time.process_time()
             times["transformers LlamaForCausalLM + AdamW"].append(statistics.mean(hf.step() for _ in range(args.steps)))
             cpu["transformers LlamaForCausalLM + AdamW"].append((time.process_time() - c0) / args.steps)
-    base = statistics.median(times["transformers LlamaForCausalLM + AdamW"])
+    hf_times = times["transformers LlamaForCausalLM + AdamW"]
+    base = statistics.median(hf_times)
     base_cpu = statistics.median(cpu["transformers LlamaForCausalLM + AdamW"])
     threads = torch.get_num_threads()
     print(f"\n{args.preset} preset, seq {args.seq}, micro-batch {args.batch}, {torch.get_num_threads()} threads, "
@@ -155,14 +156,17 @@ def main() -> None:
           f"{fpt / 1e6:.1f} MFLOP/token\n")
     print("Wall-clock columns suffer from other processes on a shared machine; the CPU-time columns divide the\n"
           "process CPU seconds by the thread count, an estimate of the step time on an idle machine.\n")
-    print("MFU is against the peak of the precision a row computes in.\n")
-    print("| run | s/step (wall) | tokens/s (wall) | MFU (wall) | vs transformers (wall) "
+    print("MFU is against the peak of the precision a row computes in. 'Paired' is the median, and range, of the\n"
+          "ratios within each round, where both sides ran a minute apart.\n")
+    print("| run | s/step (wall) | tokens/s (wall) | MFU (wall) | vs transformers (wall) | paired (wall) "
           "| s/step (CPU/threads) | tokens/s (CPU) | MFU (CPU) | vs transformers (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, ts in times.items():
         s, c = statistics.median(ts), statistics.median(cpu[name]) / threads
         peak = peaks[computes_in[name]]
+        paired = [h / z for h, z in zip(hf_times, ts)]
         print(f"| {name} | {s:.3f} | {tokens / s:.0f} | {tokens / s * fpt / peak * 100:.1f}% | {base / s:.2f}x "
+              f"| {statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f}) "
               f"| {c:.3f} | {tokens / c:.0f} | {tokens / c * fpt / peak * 100:.1f}% | {base_cpu / threads / c:.2f}x |")
     print(f"\nzhllm data loading share of step time: {statistics.median(shares) * 100:.2f}%")
 
