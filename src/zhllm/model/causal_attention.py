@@ -1,8 +1,8 @@
 """Causal self-attention, with a faster bf16 backward for compiled CPU training.
 
-PyTorch's CPU flash-attention backward computes in fp32 whatever the input dtype, so in bf16 it is the
-slowest kernel of a training step: on the 26m preset it ran at about 6% of the bf16 matmul peak on an AMX
-CPU, and took 71 of the 90 ms of an attention call per layer on an AVX512 one. The backward below
+PyTorch's CPU flash-attention backward is the slowest kernel of a bf16 training step: on the 26m preset it
+ran at about 6% of the bf16 matmul peak on an AMX CPU, and took 71 of the 90 ms of an attention call per
+layer on an AVX512 one. The backward below
 recomputes the probabilities from the forward's log-sum-exp, one block of 128 query rows at a time against
 only the keys that block can see, so it is a few bf16 batched matmuls plus elementwise work that inductor
 fuses. Per layer call, forward and backward, on that AVX512 CPU: 97 -> 69 ms at the 26m shape (batch 4,
