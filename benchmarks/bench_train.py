@@ -1,17 +1,20 @@
 """Training throughput: the zhllm loop step vs transformers' LlamaForCausalLM + torch.optim.AdamW.
 
-Same shapes (default: the 26m preset, seq 512, micro-batch 4), same process, runs alternating so machine
-noise hits both alike. zhllm runs its 26m recipe (precision auto: bf16 weights with fp32 masters where this CPU
+Same shapes (default: the 26m preset, seq 512, micro-batch 4), runs alternating so machine noise hits
+both alike. zhllm runs its 26m recipe (precision auto: bf16 weights with fp32 master copies where this CPU
 multiplies bf16 at least as fast as fp32, else fp32; torch.compile per layer), and the same recipe forced to
-bf16 where auto chose fp32; transformers runs bf16 autocast over fp32 weights. Prints a markdown table with
-tokens/s, MFU against the matmul peak measured here for the precision each row computes in (bf16 and fp32
-peaks both printed), and the data-loading share of the zhllm step.
+bf16 where auto chose fp32; transformers runs bf16 autocast over fp32 weights. transformers runs in its own
+process, as it would alone: the zhllm trainer tunes this process's malloc (train/cpu_memory.py), and
+`--variants` also times transformers under that same setting. Prints a markdown table with tokens/s, MFU
+against the matmul peak measured here for the precision each row computes in (bf16 and fp32 peaks both
+printed), and the data-loading share of the zhllm step.
 
     python benchmarks/bench_train.py [--preset 26m] [--steps 5] [--rounds 5] [--variants]
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -32,6 +35,8 @@ from zhllm.train.trainer import Trainer
 
 RECIPE = "zhllm, 26m recipe (precision auto, compiled layers)"
 RECIPE_BF16 = "zhllm, 26m recipe forced to bf16 (bf16 weights + fp32 masters, compiled layers)"
+HF = "transformers LlamaForCausalLM + AdamW (bf16 autocast)"
+HF_KEEP = "transformers, with zhllm's malloc setting (freed memory kept)"
 
 
 def synthetic_shards(out: Path, vocab: int, tokens: int) -> Path:
@@ -98,6 +103,40 @@ class HFBaseline:
         return time.perf_counter() - t
 
 
+def hf_worker(conn, preset: str, seq: int, batch: int, vocab: int, keep_memory: bool) -> None:
+    """Child process: build the baseline, then for each request of n steps send back (s/step, CPU s/step)."""
+    if keep_memory:
+        from zhllm.train.cpu_memory import keep_freed_memory
+        keep_freed_memory()
+    hf = HFBaseline(preset, seq, batch, vocab)
+    hf.step()
+    hf.step()  # warm up: the first calls pick oneDNN kernels
+    conn.send("ready")
+    while (steps := conn.recv()) is not None:
+        c0 = time.process_time()
+        wall = statistics.mean(hf.step() for _ in range(steps))
+        conn.send((wall, (time.process_time() - c0) / steps))
+
+
+class HFProcess:
+    """The transformers baseline in a spawned process, so it keeps glibc's default malloc behaviour."""
+
+    def __init__(self, *args):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=hf_worker, args=(child, *args), daemon=True)
+        self.proc.start()
+        assert self.conn.recv() == "ready"
+
+    def run(self, steps: int) -> tuple[float, float]:
+        self.conn.send(steps)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="26m")
@@ -126,15 +165,15 @@ def main() -> None:
             runs["zhllm loop, fp32"] = run("d", precision="fp32")
             runs["zhllm loop, fp32, compiled layers"] = run("e", precision="fp32", compile=True)
         computes_in = {name: tr.cfg.train.precision for name, tr in runs.items()}
-        computes_in["transformers LlamaForCausalLM + AdamW"] = "bf16"
-        hf = HFBaseline(args.preset, args.seq, args.batch, cfg.vocab_size)
-        times = {name: [] for name in [*runs, "transformers LlamaForCausalLM + AdamW"]}
+        baselines = {HF: HFProcess(args.preset, args.seq, args.batch, cfg.vocab_size, False)}
+        if args.variants:
+            baselines[HF_KEEP] = HFProcess(args.preset, args.seq, args.batch, cfg.vocab_size, True)
+        computes_in.update({name: "bf16" for name in baselines})
+        times = {name: [] for name in [*runs, *baselines]}
         cpu = {name: [] for name in times}
         shares = []
         for tr in runs.values():  # warm up (first calls pick oneDNN kernels; compile traces here)
             time_zhllm(tr, 2)
-        hf.step()
-        hf.step()
         for _ in range(args.rounds):
             for name, tr in runs.items():
                 c0 = time.process_time()
@@ -143,12 +182,15 @@ def main() -> None:
                 times[name].append(s)
                 if name == RECIPE:
                     shares.append(share)
-            c0 = time.process_time()
-            times["transformers LlamaForCausalLM + AdamW"].append(statistics.mean(hf.step() for _ in range(args.steps)))
-            cpu["transformers LlamaForCausalLM + AdamW"].append((time.process_time() - c0) / args.steps)
-    hf_times = times["transformers LlamaForCausalLM + AdamW"]
+            for name, hf in baselines.items():
+                wall, cpu_s = hf.run(args.steps)
+                times[name].append(wall)
+                cpu[name].append(cpu_s)
+        for hf in baselines.values():
+            hf.close()
+    hf_times = times[HF]
     base = statistics.median(hf_times)
-    base_cpu = statistics.median(cpu["transformers LlamaForCausalLM + AdamW"])
+    base_cpu = statistics.median(cpu[HF])
     threads = torch.get_num_threads()
     print(f"\n{args.preset} preset, seq {args.seq}, micro-batch {args.batch}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; matmul peak measured: bf16 {peaks['bf16'] / 1e9:.0f}, "
