@@ -85,7 +85,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile each decoder layer in place (parameter names unchanged, so checkpoints stay HF-native).
+    """torch.compile each decoder layer, and the final norm, in place (parameter names unchanged, so checkpoints stay HF-native).
 
     Per layer, as torchtitan does: identical layers share one compiled graph, so compiling takes seconds, and
     on a CPU the fused elementwise kernels (norms, RoPE, SwiGLU) make a 26m step 1.15-1.3x faster. If the
@@ -95,6 +95,7 @@ def apply_compile(model: nn.Module) -> None:
     torch._dynamo.config.suppress_errors = True
     for layer in model.model.layers:
         layer.compile()
+    model.model.norm.compile()  # eagerly its fp32 upcast, square, mean and scale are ~1% of a 26m CPU step
 
 
 def wrap_model(model: nn.Module, d: Dist, parallel: str, precision: str, powersgd: bool = False) -> nn.Module:
