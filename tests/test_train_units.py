@@ -1,4 +1,5 @@
 """Unit tests of the training engine: schedules, parameter groups, non-finite guard, signals, configs, pruning."""
+import json
 import math
 import os
 import signal
@@ -286,3 +287,16 @@ def test_bf16_weights_with_fp32_masters_resume_exactly(tmp_path):
     assert torch.equal(a.master.master[0], resumed.master.master[0])
     saved = load_model(tmp_path / "a" / "run" / "checkpoints" / "step_6")
     assert next(saved.parameters()).dtype == torch.float32  # checkpoints hold the fp32 masters
+
+
+def test_mfu_over_100_percent_remeasures_the_cpu_peak(tmp_path, monkeypatch):
+    """A peak measured while the host was slow would report MFU above 100% for the whole run."""
+    import zhllm.train.metrics as metrics
+    measured = iter([1e3] + [1e15] * 10)  # first a slow moment, then the real peak
+    calls = []
+    monkeypatch.setattr(metrics, "_CPU_PEAKS", {})
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype: calls.append(dtype) or next(measured))
+    make_trainer(tmp_path, max_steps=3).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mfus = [r["mfu"] for r in rows if r.get("kind") == "train"]
+    assert len(calls) == 2 and all(0 < m < 1 for m in mfus)
