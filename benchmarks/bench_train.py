@@ -3,11 +3,11 @@
 Same shapes (default: the 26m preset, seq 512, micro-batch 4), runs alternating so machine noise hits
 both alike. zhllm runs its 26m recipe (precision auto: bf16 weights with fp32 master copies where this CPU
 multiplies bf16 at least as fast as fp32, else fp32; torch.compile per layer), and the same recipe forced to
-bf16 where auto chose fp32; transformers runs bf16 autocast over fp32 weights. transformers runs in its own
-process, as it would alone; the zhllm trainer tunes this process's malloc (train/cpu_memory.py), so a
-second transformers process runs under that same setting too, to show what the tuning alone is worth. Prints a markdown table with tokens/s, MFU
-against the matmul peak measured here for the precision each row computes in (bf16 and fp32 peaks both
-printed), and the data-loading share of the zhllm step.
+bf16 where auto chose fp32; transformers runs bf16 autocast over fp32 weights, in a process of its own, as
+it would alone. The zhllm trainer tunes this process's malloc (train/cpu_memory.py), so a second
+transformers process runs under that same setting, to show what the tuning alone is worth. Prints a
+markdown table with tokens/s, MFU against the matmul peak measured here for the precision each row computes
+in (bf16 and fp32 peaks both printed), and the data-loading share of the zhllm step.
 
     python benchmarks/bench_train.py [--preset 26m] [--steps 5] [--rounds 5] [--variants]
 """
