@@ -52,6 +52,25 @@ def cpu_dtype(precision: str) -> torch.dtype:
     return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
+class MFU:
+    """Model FLOP utilisation of a run: achieved FLOP/s over the peak of its device(s) and precision.
+
+    On a CPU an MFU above 100% means the peak was measured while the host was slow: it is measured again
+    (the larger kept), at most `remeasures` times a run."""
+
+    def __init__(self, device: torch.device, precision: str, world: int, remeasures: int = 3):
+        self.device, self.precision, self.world, self.remeasures = device, precision, world, remeasures
+        self.peak = peak_flops(device, precision)
+
+    def __call__(self, flops_per_s: float) -> float | None:
+        if not self.peak:
+            return None
+        if self.device.type == "cpu" and flops_per_s > self.peak * self.world and self.remeasures > 0:
+            self.remeasures -= 1
+            self.peak = cpu_matmul_peak(cpu_dtype(self.precision), remeasure=True)
+        return flops_per_s / (self.peak * self.world)
+
+
 def cpu_matmul_peak(dtype: torch.dtype, remeasure: bool = False) -> float:
     """The CPU matmul peak in FLOP/s for a dtype, measured once per process and thread count.
 

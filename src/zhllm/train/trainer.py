@@ -25,8 +25,7 @@ from .config import RunConfig
 from .cpu_memory import keep_freed_memory
 from .evaluate import evaluate_loss, greedy_samples
 from .master import MasterWeights
-from .metrics import (MetricsLogger, cpu_dtype, cpu_matmul_peak, flops_per_token, memory_gb, peak_flops, plot_run,
-                      train_line)
+from .metrics import MFU, MetricsLogger, flops_per_token, memory_gb, plot_run, train_line
 from .objectives import Objective, to_device
 from .optim import build_optimizer, lr_at, parameter_groups, set_lr
 from .precision import resolve_precision
@@ -221,8 +220,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, self.echo) if self.d.is_main else None
         fpt = flops_per_token(self.model.config, cfg.train.seq_len)
-        peak = peak_flops(self.d.device, cfg.train.precision) if self.d.is_main else None
-        peak_remeasures = 3
+        mfu = MFU(self.d.device, cfg.train.precision, self.d.world) if self.d.is_main else None
         fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = _progress(cfg.log.progress and self.d.is_main, self.max_steps, st.step)
@@ -246,12 +244,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{r['loss']:.3f}")
                 if logger and (st.step % cfg.log.every == 0 or st.step == 1 or st.step == self.max_steps):
                     tps = window["tokens"] / max(window["time"], 1e-9)
-                    if peak and self.d.device.type == "cpu" and tps * fpt > peak * self.d.world and peak_remeasures:
-                        peak_remeasures -= 1  # MFU over 100%: the peak was measured while the host was slow
-                        peak = cpu_matmul_peak(cpu_dtype(cfg.train.precision), remeasure=True)
                     rec = {"kind": "train", "step": st.step, "max_steps": self.max_steps, "loss": window["loss"] / max(window["steps"], 1),
                            "lr": r["lr"], "grad_norm": r["grad_norm"], "tokens_per_s": tps,
-                           "mfu": tps * fpt / (peak * self.d.world) if peak else None,
+                           "mfu": mfu(tps * fpt),
                            "data_share": window["data"] / max(window["time"], 1e-9),
                            "memory_gb": memory_gb(self.d.device), "tokens_seen": st.tokens_seen,
                            "skipped_steps": st.skipped_steps,
