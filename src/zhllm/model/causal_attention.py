@@ -1,17 +1,23 @@
-"""Causal self-attention, with a faster bf16 backward for compiled CPU training.
+"""Causal self-attention, blocked for compiled bf16 CPU training.
 
-PyTorch's CPU flash-attention backward is the slowest kernel of a bf16 training step: on the 26m preset it
-ran at about 6% of the bf16 matmul peak on an AMX CPU, and took 71 of the 90 ms of an attention call per
-layer on an AVX512 one. The backward below
-recomputes the probabilities from the forward's log-sum-exp, one block of 128 query rows at a time against
-only the keys that block can see, so it is a few bf16 batched matmuls plus elementwise work that inductor
-fuses. Per layer call, forward and backward, on that AVX512 CPU: 97 -> 69 ms at the 26m shape (batch 4,
-seq 512, 8 heads of 64), 39 -> 29 ms at the demo's (batch 8, seq 256, 8 heads of 32), 114 -> 108 ms at
-seq 1024; but 156 -> 179 ms at seq 2048, where a block's score rows no longer fit in cache, and in fp32 it
-measured within 10% of PyTorch's either way. Eagerly the unfused elementwise work costs more than it saves.
-So it is used for bf16, sequences up to 1024, inside `torch.compile` (the trainer's `train.compile`).
+PyTorch's CPU flash attention is the slowest part of a bf16 training step. Its backward ran at about 6% of
+the bf16 matmul peak on an AMX CPU and took 71 of the 90 ms of an attention call per layer on an AVX512
+one. Its forward took 18-26 ms per 26m-preset layer (batch 4, seq 512, 8 heads of 64) on an AMD EPYC with
+AVX512-BF16, longer than at seq 1024 with half the batch.
+
+Here both passes go one block of 128 query rows at a time against only the keys that block can see, as a
+few bf16 batched matmuls plus elementwise work that inductor fuses; the backward recomputes the
+probabilities from the forward's log-sum-exp. Measured per layer call at the 26m shape: backward 97 -> 69
+ms (forward and backward, Intel AVX512), forward 18-26 -> 11-12 ms (AMD), which made the whole 26m bf16
+step 9-13% faster there. At the demo's shape (batch 8, seq 256, 8 heads of 32) and at seq 1024 it is
+within noise of PyTorch's; at seq 2048, where a block's score rows no longer fit in cache, it is slower,
+and in fp32 it measured within 10% of PyTorch's either way. Eagerly the unfused elementwise work costs
+more than it saves. So it is used for bf16, sequences up to 1024, inside `torch.compile` (the trainer's
+`train.compile`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +33,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
             dtype = torch.get_autocast_dtype("cpu")
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if q.dtype == k.dtype == v.dtype == torch.bfloat16:
-            return _FlashForwardBlockedBackward.apply(q, k, v)
+            return _BlockedCausalAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-class _FlashForwardBlockedBackward(torch.autograd.Function):
+class _BlockedCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+        out, lse = blocked_causal_attention_forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -43,17 +49,35 @@ class _FlashForwardBlockedBackward(torch.autograd.Function):
         return blocked_causal_attention_backward(*ctx.saved_tensors, grad_out.contiguous())
 
 
+def query_blocks(T: int, device: torch.device):
+    """(start, end, visible) per block of query rows [start, end): they see keys [0, end), as `visible` masks."""
+    for start in range(0, T, BLOCK):
+        end = min(start + BLOCK, T)
+        yield start, end, torch.arange(start, end, device=device)[:, None] >= torch.arange(end, device=device)
+
+
+def blocked_causal_attention_forward(q, k, v):
+    """(output, per-row log-sum-exp of the scaled scores), as flash attention returns them. Products run in
+    the input dtype, the softmax in fp32."""
+    scale = q.shape[-1] ** -0.5
+    outs, lses = [], []
+    for start, end, visible in query_blocks(q.shape[2], q.device):
+        s = ((q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)).float() * scale).masked_fill(~visible, -math.inf)
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.exp(s - lse[..., None]).to(q.dtype) @ v[:, :, :end])
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
 def blocked_causal_attention_backward(q, k, v, out, lse, grad_out):
     """Gradients of causal attention for q, k, v, given the output and the per-row log-sum-exp of the scaled
     scores. Products run in the input dtype; probabilities and sums of gradients in fp32."""
     T, scale = q.shape[2], q.shape[-1] ** -0.5
     delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dP * P) = rowsum(dO * O)
     dq_blocks, dk, dv = [], None, None
-    for start in range(0, T, BLOCK):
-        end = min(start + BLOCK, T)  # this block's queries see keys [0, end)
+    for start, end, visible in query_blocks(T, q.device):
         q_i, do_i, k_i, v_i = q[:, :, start:end], grad_out[:, :, start:end], k[:, :, :end], v[:, :, :end]
         p = torch.exp((q_i @ k_i.transpose(-1, -2)).float() * scale - lse[:, :, start:end, None])
-        visible = torch.arange(start, end, device=q.device)[:, None] >= torch.arange(end, device=q.device)
         p = p.masked_fill(~visible, 0.0)
         dv_i = (p.to(q.dtype).transpose(-1, -2) @ do_i).float()
         ds = (p * ((do_i @ v_i.transpose(-1, -2)).float() - delta[:, :, start:end]) * scale).to(q.dtype)
