@@ -29,9 +29,27 @@ def test_auto_picks_the_faster_matmul(peaks, bf16, fp32, expected):
     assert said and expected in said[0] and "GFLOP/s" in said[0]
 
 
-def test_explicit_precision_is_not_measured(peaks):
+@pytest.fixture
+def probes(monkeypatch):
+    """Pretend results of the quick matmul probe (FLOP/s) by dtype."""
+    table = {torch.float32: 180e9, torch.bfloat16: 110e9, torch.float16: 2.5e9}
+    monkeypatch.setattr(precision_mod, "measure_matmul_peak", lambda dtype, n, reps: table[dtype])
+    return table
+
+
+def test_explicit_precision_is_kept(peaks, probes):
     for p in ("fp32", "bf16", "fp16"):
-        assert resolve_precision(p, Dist()) == p  # `peaks` is empty: a measurement would raise KeyError
+        assert resolve_precision(p, Dist(), echo=lambda *_: None) == p  # `peaks` is empty: auto would raise
+
+
+def test_explicit_precision_the_cpu_emulates_warns(probes):
+    said = []
+    assert resolve_precision("fp16", Dist(), echo=said.append) == "fp16"
+    assert len(said) == 1 and "fp16 at 2.5 GFLOP/s against 180 in fp32" in said[0] and "auto" in said[0]
+    said.clear()
+    for p in ("bf16", "fp32"):  # bf16 at 0.6x fp32 (a VM without AMX): slower, but not emulated
+        resolve_precision(p, Dist(), echo=said.append)
+    assert said == []
 
 
 def test_resumed_run_keeps_its_precision(peaks):
