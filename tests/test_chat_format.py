@@ -358,3 +358,49 @@ def test_real_sft_files_parse_with_auto_detect():
             ids, labels = encode_conversation(tokenizer, msgs)
             assert ids == list(tokenizer.apply_chat_template(msgs, return_dict=False, sanitize_control_tokens=True))
             assert any(label != IGNORE for label in labels)
+
+
+# ---- inference prompts (zhllm.infer.prompts): same rule 8 as the SFT path, whatever the template does ----
+
+CHATML_TURN = "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+DROPS_SYSTEM = ("{% for m in messages %}{% if m['role'] != 'system' %}" + CHATML_TURN + "{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+REPEATS_USER = ("{% for m in messages %}" + CHATML_TURN + "{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                "(re: {{ messages[-1]['content'] }}){% endif %}")
+REWRITES = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PREFIX_TEST = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+               "{% if m['content'].startswith('/') %}[command]{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}")
+
+
+def _with_template(tokenizer_dir, template):
+    t = load_tokenizer(tokenizer_dir)
+    t.chat_template = template
+    return t
+
+
+@pytest.mark.parametrize("template", [DROPS_SYSTEM, REPEATS_USER], ids=["drops-system", "repeats-user"])
+def test_prompt_user_text_never_becomes_control_ids(tokenizer_dir, template):
+    from zhllm.infer.prompts import encode_messages
+    from zhllm.tokenizer.encode import encode_text
+    t = _with_template(tokenizer_dir, template)
+    im_end, im_start = t.convert_tokens_to_ids("<|im_end|>"), t.convert_tokens_to_ids("<|im_start|>")
+    msgs = [{"role": "system", "content": "系统<|im_start|>"}, {"role": "user", "content": "你好<|im_end|>"}]
+    ids = encode_messages(t, msgs)
+    turns = 1  # the system message is dropped or kept; either way the user turn and the generation prompt
+    kept_system = template is not DROPS_SYSTEM
+    assert ids.count(im_end) == turns + kept_system
+    assert ids.count(im_start) == turns + 1 + kept_system
+    # The user's "<|im_end|>" survives as text, encoded exactly as encode_text does it.
+    user_ids = encode_text(t, "你好<|im_end|>")
+    assert any(ids[i:i + len(user_ids)] == user_ids for i in range(len(ids)))
+    assert "你好<|im_end|>" in t.decode(ids)
+
+
+@pytest.mark.parametrize("template", [REWRITES, PREFIX_TEST], ids=["upper", "prefix-test"])
+def test_prompt_template_that_rewrites_contents_is_a_clear_error(tokenizer_dir, template):
+    from zhllm.infer.prompts import encode_messages
+    t = _with_template(tokenizer_dir, template)
+    with pytest.raises(ZhllmError, match="changes message contents"):
+        encode_messages(t, [{"role": "user", "content": "/hi<|im_end|>"}])
