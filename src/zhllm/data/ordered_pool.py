@@ -2,18 +2,75 @@
 
 Pre-tokenisation jobs (`zhllm data tokenize`, `zhllm data tokenize-sft`) write their output in input order so
 the bytes on disk do not depend on the number of workers; this is the one place that fans the units out.
+
+Workers never outlive their parent: a SIGKILLed parent leaves forked workers blocked forever on a queue whose
+write end they hold themselves (100-200 MB each, reparented to PID 1). `guarded_initializer` makes them die
+with the parent, and `imap_ordered` terminates them when the parent is interrupted or told to stop.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Any
 
 from ..errors import ZhllmError
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_WATCHDOG_SECONDS = 1.0
+
+
+def guarded_initializer(initializer: Callable[..., None], initargs: tuple = ()) -> tuple[Callable[..., None], tuple]:
+    """(initializer, initargs) for a process pool whose workers die with this process, then run `initializer`.
+
+    Use as `Pool(n, *guarded_initializer(init, args))` or `ProcessPoolExecutor(initializer=..., initargs=...)`.
+    The parent's pid is taken now, in the parent, so a worker can tell whether it was orphaned before it
+    could arm the death signal.
+    """
+    return _init_guarded, (os.getpid(), initializer, tuple(initargs))
+
+
+def _init_guarded(parent: int, initializer: Callable[..., None], initargs: tuple) -> None:
+    # A forked worker inherits the parent's handlers; a Python-level SIGTERM handler in a child stuck in a
+    # blocking queue read would never run, so the default action (die) must be back in place.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C reaches the whole process group; the parent decides and terminates us (no traceback per worker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent)
+    initializer(*initargs)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this process die when process `parent` does: PR_SET_PDEATHSIG on Linux, else a watchdog thread.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked us exits; pools here are started from the thread
+    that consumes them, which outlives them.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, args=(parent,), name="zhllm-parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        threading.Event().wait(_WATCHDOG_SECONDS)
+    os._exit(1)
 
 
 def imap_ordered(fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]], workers: int,
@@ -24,7 +81,9 @@ def imap_ordered(fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]], wor
     workers == 1 runs in this process (after `initializer(*initargs)`), so the single-worker path is the
     plain loop. An error raised while *producing* items (a strict reader hitting a bad record) is re-raised
     only after the items before it were yielded, so errors surface in input order as in the serial loop.
-    A worker that vanishes (OOM kill) becomes a ZhllmError with the message `died`.
+    A worker that vanishes (OOM kill) becomes a ZhllmError with the message `died`. The workers die with
+    this process; an error, Ctrl-C or SIGTERM here terminates them at once instead of letting their units
+    finish.
     """
     if workers == 1:
         initializer(*initargs)
@@ -33,31 +92,75 @@ def imap_ordered(fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]], wor
         return
     # fork: workers start instantly (spawn would re-import torch via the zhllm package in each of them)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                               initializer=initializer, initargs=initargs)
+    init, args = guarded_initializer(initializer, initargs)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=init,
+                               initargs=args)
     pending: deque = deque()
     source = iter(items)
-    try:
-        while True:
-            try:
-                key, item = next(source)
-            except StopIteration:
-                break
-            except BaseException:
-                while pending:  # the results before the bad item come first
+    finished = False
+    with _sigterm_stops(pool) as stopped:
+        try:
+            while True:
+                try:
+                    key, item = next(source)
+                except StopIteration:
+                    break
+                except BaseException:
+                    while pending:  # the results before the bad item come first
+                        done_key, fut = pending.popleft()
+                        yield done_key, fut.result()
+                    raise
+                if stopped:
+                    raise Terminated(128 + stopped[0])
+                pending.append((key, pool.submit(fn, item)))
+                if len(pending) >= 2 * workers:
                     done_key, fut = pending.popleft()
                     yield done_key, fut.result()
-                raise
-            pending.append((key, pool.submit(fn, item)))
-            if len(pending) >= 2 * workers:
+            while pending:
                 done_key, fut = pending.popleft()
                 yield done_key, fut.result()
-        while pending:
-            done_key, fut = pending.popleft()
-            yield done_key, fut.result()
-    except BrokenProcessPool:
-        raise ZhllmError(died) from None
+            finished = True
+        except BrokenProcessPool:
+            raise (Terminated(128 + stopped[0]) if stopped else ZhllmError(died)) from None
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+            if not finished:
+                terminate_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def terminate_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM every worker of `pool` now (their running units are abandoned); shutdown() then reaps them."""
+    # no public API before Python 3.14; terminate() on a process that already exited is a no-op
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+
+
+class Terminated(SystemExit):
+    """SIGTERM received while workers ran: unwinds like an exit, so pools are stopped and temp files removed."""
+
+
+@contextmanager
+def _sigterm_stops(pool: ProcessPoolExecutor) -> Iterator[list[int]]:
+    """While the pool runs, SIGTERM terminates its workers and the loop then raises Terminated, so the
+    caller's cleanup (staged output directories) runs; the default would kill this process without it.
+
+    The handler only flags and kills: an exception raised inside a signal handler can land in code that
+    swallows it (at-fork hooks print "Exception ignored" and carry on)."""
+    stopped: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield stopped  # someone else handles SIGTERM (e.g. the trainer's graceful stop); keep their handler
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills outright
+        stopped.append(signum)
+        terminate_workers(pool)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield stopped
     finally:
-        for _, fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
