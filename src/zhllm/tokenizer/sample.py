@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+from .progress import log, on_terminal
 
 # Long documents (a book as one .txt record) are cut so one document cannot eat the whole budget.
 CHUNK_CHARS = 20_000
@@ -72,16 +75,23 @@ def _key(seed: int, pos: int) -> float:
 def sample_texts(texts: Iterable[str], max_chars: int, seed: int = 0,
                  heldout_chars: int | None = None, progress: bool = False) -> TextSample:
     """Stream `texts` once; return up to `max_chars` characters of training text and a disjoint
-    held-out slice (default: 2% of the budget, at most 1M characters)."""
+    held-out slice (default: 2% of the budget, at most 1M characters).
+
+    With `progress`: a running count of characters read on a terminal, else a line at the start and one
+    at the end (the stream's length is unknown until it ends, so there is no total to show)."""
     if heldout_chars is None:
         heldout_chars = min(max_chars // 50, 1_000_000)
     train, heldout = _BudgetReservoir(max_chars), _BudgetReservoir(heldout_chars)
     chunk_size = max(1, min(CHUNK_CHARS, max_chars // 10))  # a small budget still holds many chunks
     docs = chars = pos = 0
     bar = None
+    start = time.perf_counter()
     for text in texts:
-        if bar is None and progress:  # opened late, so an input error is not preceded by an empty bar
-            bar = _progress()
+        if docs == 0 and progress:  # started late, so an input error is not preceded by an empty bar
+            if on_terminal():
+                bar = _progress()
+            else:
+                log(f"sampling up to {max_chars:,} characters ...")
         docs += 1
         chars += len(text)
         for chunk in chunk_text(text, chunk_size):
@@ -93,7 +103,11 @@ def sample_texts(texts: Iterable[str], max_chars: int, seed: int = 0,
             bar.update(len(text))
     if bar is not None:
         bar.close()
-    return TextSample(train.texts(), heldout.texts(), seen_docs=docs, seen_chars=chars)
+    sample = TextSample(train.texts(), heldout.texts(), seen_docs=docs, seen_chars=chars)
+    if progress and docs and bar is None:
+        log(f"sampled {sample.chars:,} of {chars:,} characters ({docs:,} documents) "
+            f"in {time.perf_counter() - start:.1f} s")
+    return sample
 
 
 def _progress():

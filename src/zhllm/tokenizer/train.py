@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,10 @@ def byte_level_pre_tokenizer():
 
 def train_bpe(texts: Iterable[str], vocab_size: int, num_reserved: int = 13, min_frequency: int = 2,
               show_progress: bool = False):
-    """Train a byte-level BPE `tokenizers.Tokenizer` on an iterator of texts."""
+    """Train a byte-level BPE `tokenizers.Tokenizer` on an iterator of texts.
+
+    `show_progress` runs the `tokenizers` trainer's own bars: only for a terminal on stdout and stderr
+    (see progress.py); a list of texts gives them real totals."""
     from tokenizers import Tokenizer, decoders, models, trainers
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -58,7 +61,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, num_reserved: int = 13, min
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens(num_reserved),
         initial_alphabet=ByteLevel.alphabet(), show_progress=show_progress)
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts) if isinstance(texts, Sized) else None)
     return tok
 
 
@@ -137,6 +140,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
     benchmarks/bench_tokenizer_train.py); SentencePiece needs far less."""
     from ..data.readers import ReadStats
     from .encode import encode_batch_texts
+    from .progress import log, native_bars
     from .sample import sample_texts
     from .spm import sentencepiece_to_tokenizers, train_sentencepiece_model
 
@@ -150,16 +154,26 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
     sample = sample_texts(read_texts(inputs, field, strict, stats), max_chars, seed=seed, progress=show_progress)
     if not sample.texts:
         raise ZhllmError(f"no text to train on in {', '.join(map(str, inputs))}")
+    bars = show_progress and backend == "bpe" and native_bars()  # SentencePiece has no bars of its own
+    lines = show_progress and not bars
+    if lines:
+        log(f"training {'BPE' if backend == 'bpe' else 'SentencePiece'} (vocab {vocab_size:,}) on "
+            f"{sample.chars:,} characters ...")
+    train_start = time.perf_counter()
     if backend == "bpe":
-        tok, unk = train_bpe(sample.texts, vocab_size, num_reserved=num_reserved, show_progress=show_progress), None
+        tok, unk = train_bpe(sample.texts, vocab_size, num_reserved=num_reserved, show_progress=bars), None
     else:
         proto = train_sentencepiece_model(sample.texts, vocab_size, num_reserved=num_reserved)
         tok, unk = sentencepiece_to_tokenizers(proto), "<unk>"
+    if lines:
+        log(f"trained in {time.perf_counter() - train_start:.1f} s")
     hf = wrap_hf(tok, unk_token=unk)
     save_hf_tokenizer(hf, out_dir)
     heldout = sample.heldout or sample.texts[:100]
     n_tokens = sum(map(len, encode_batch_texts(tok, heldout)))
     held_chars = sum(map(len, heldout))
+    if lines:
+        log(f"done in {time.perf_counter() - start:.1f} s")
     return TrainReport(Path(out_dir), backend, len(hf), sample.seen_docs, sample.seen_chars, sample.chars,
                        held_chars, held_chars / max(n_tokens, 1), time.perf_counter() - start, stats.summary())
 
