@@ -1,9 +1,13 @@
 """Shared fixtures: a tiny Chinese tokenizer and tiny model made by the tests themselves (no downloads)."""
+import os
 from pathlib import Path
 
 import pytest
 
+# The sample data sits next to the repository on the project's machines; a fresh clone elsewhere points
+# ZHLLM_SHARED_DATA at its copy.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA_ENV = "ZHLLM_SHARED_DATA"
 
 CORPUS = [
     "今天天气很好，我们去公园散步吧！",
@@ -43,8 +47,9 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 def shared_data(rel: str) -> Path:
-    """Path under ../shared/data, or skip the test cleanly when it is absent (a user's fresh clone)."""
-    p = SHARED_DATA / rel
+    """Path under $ZHLLM_SHARED_DATA (default ../shared/data), or skip the test cleanly when it is absent."""
+    root = os.environ.get(SHARED_DATA_ENV)
+    p = (Path(root).expanduser() if root else SHARED_DATA) / rel
     if not p.exists():
         pytest.skip(f"shared sample data not available: {p}")
     return p

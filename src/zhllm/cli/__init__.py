@@ -21,6 +21,12 @@ GROUPS = {
 }
 
 
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    """--no-progress, the one name for hiding progress output; --quiet stays as a hidden alias for old scripts."""
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (or progress lines)")
+    p.add_argument("--quiet", dest="no_progress", action="store_true", help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="zhllm", description="Train small Chinese language models end to end.")
     root.add_argument("--version", action="version", version=f"zhllm {_version()}")

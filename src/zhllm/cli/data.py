@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..data.chat import FORMATS
+from . import add_progress_flag
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,9 +31,9 @@ def register(root, groups) -> None:
     p.add_argument("--config", default=None, help="YAML file of CleanConfig settings (e.g. configs/clean/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set t2s=true --set quality.min_chars=50 --set dedup.threshold=0.7")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes for normalisation, filters and MinHash (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for normalisation, filters and MinHash (default: all cores)")
+    add_progress_flag(p)
     p.set_defaults(func=_clean)
 
     p = groups["data"].add_parser(
@@ -55,15 +57,16 @@ def register(root, groups) -> None:
                    help="seed of the val choice; with train.seed equal, the split matches training from the files")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_flag(p)
     p.set_defaults(func=_tokenize_sft)
 
 
 def _clean(args) -> None:
     from ..data.clean import clean_corpus, format_clean_report, load_clean_config
     cfg = load_clean_config(args.config, args.overrides)
+    workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     report = clean_corpus(args.input, args.out, cfg, field=args.field, strict=args.strict,
-                          txt_mode=args.txt_mode, workers=args.workers, progress=not args.no_progress)
+                          txt_mode=args.txt_mode, workers=workers, progress=not args.no_progress)
     print(format_clean_report(report))
 
 

@@ -1,6 +1,8 @@
 """Parsers for `zhllm data tokenize` and `zhllm data inspect`; see cli/__init__.py."""
 from __future__ import annotations
 
+from . import add_progress_flag
+
 
 def register(root, groups) -> None:
     data = groups["data"]
@@ -18,7 +20,7 @@ def register(root, groups) -> None:
     p.add_argument("--shard-index", type=int, default=0, help="which part this machine does (0-based)")
     p.add_argument("--shard-tokens", type=int, default=None, help="training tokens per shard file")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress_flag(p)
     p.set_defaults(func=_tokenize)
 
     p = data.add_parser("inspect", help="print a shard directory's meta and decode a sample document",
@@ -34,7 +36,7 @@ def _tokenize(a) -> None:
     report = tokenize_corpus(a.input, a.tokenizer, a.out, field=a.field, val_fraction=a.val_fraction,
                              workers=a.workers, num_shards=a.num_shards, shard_index=a.shard_index,
                              shard_tokens=a.shard_tokens or DEFAULT_SHARD_TOKENS, strict=a.strict,
-                             progress=not a.quiet)
+                             progress=not a.no_progress)
     print(report.table())
 
 

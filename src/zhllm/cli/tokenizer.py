@@ -1,6 +1,8 @@
 """Parsers for `zhllm tokenizer train|extend|eval`; see cli/__init__.py."""
 from __future__ import annotations
 
+from . import add_progress_flag
+
 
 def _input_args(p) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -28,8 +30,9 @@ def register(root, groups) -> None:
                         "with byte fallback, saved in the same HF format")
     p.add_argument("--num-reserved", type=int, default=13,
                    help="reserved special-token slots after <|endoftext|>, <|im_start|>, <|im_end|> (default 13)")
+    add_progress_flag(p)
     p.set_defaults(func=lambda a: train_command(a.input, a.out, a.vocab_size, a.max_chars, a.field, a.backend,
-                                                a.num_reserved, a.seed, a.strict))
+                                                a.num_reserved, a.seed, a.strict, progress=not a.no_progress))
 
     p = sub.add_parser("extend", help="add vocabulary learnt on a corpus to an existing tokenizer",
                        description="Learn up to --add new BPE merges on the corpus and append them to the base "
@@ -43,15 +46,17 @@ def register(root, groups) -> None:
                    help="characters sampled to learn the new tokens (default 5M)")
     p.add_argument("--model", default=None, help="checkpoint using the base tokenizer, to resize")
     p.add_argument("--model-out", default=None, help="where to write the resized checkpoint")
+    add_progress_flag(p)
     p.set_defaults(func=lambda a: extend_command(a.base, a.input, a.add, a.out, a.max_chars, a.field, a.seed,
-                                                 a.strict, a.model, a.model_out))
+                                                 a.strict, a.model, a.model_out, progress=not a.no_progress))
 
-    p = sub.add_parser("eval", help="chars/token, bytes/token and byte-fallback rate on a held-out file",
+    p = sub.add_parser("eval", help="chars/token, bytes/token and byte-fallback rate on held-out text",
                        description="Encode the same documents with each tokenizer and print a markdown table. "
                                    "Accepts HF tokenizer directories and SentencePiece .model files.")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (or SentencePiece .model)")
-    p.add_argument("--input", required=True, help="held-out corpus file")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="held-out corpus files, directories or globs")
     p.add_argument("--compare", nargs="*", default=[], metavar="DIR", help="more tokenizers to compare")
     p.add_argument("--field", default=None, help="text field of each record (default: text, with fallbacks)")
-    p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (of all inputs)")
     p.set_defaults(func=lambda a: eval_command(a.tokenizer, a.input, a.compare, a.field, a.max_docs))

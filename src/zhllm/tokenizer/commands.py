@@ -7,31 +7,33 @@ from ..errors import ZhllmError
 
 
 def train_command(inputs: list[str], out: str, vocab_size: int, max_chars: int, field: str | None,
-                  backend: str, num_reserved: int, seed: int, strict: bool) -> None:
+                  backend: str, num_reserved: int, seed: int, strict: bool, progress: bool = True) -> None:
     from .train import train_tokenizer
 
     report = train_tokenizer(inputs, out, vocab_size, max_chars=max_chars, field=field, backend=backend,
-                             num_reserved=num_reserved, seed=seed, strict=strict)
+                             num_reserved=num_reserved, seed=seed, strict=strict, show_progress=progress)
     print(report.table())
 
 
 def extend_command(base: str, inputs: list[str], add: int, out: str, max_chars: int, field: str | None,
-                   seed: int, strict: bool, model: str | None = None, model_out: str | None = None) -> None:
+                   seed: int, strict: bool, model: str | None = None, model_out: str | None = None,
+                   progress: bool = True) -> None:
     from .extend import extend_tokenizer
 
     if (model is None) != (model_out is None):
         raise ZhllmError("--model and --model-out go together: the checkpoint to resize and where to write it")
     if model is not None and Path(model).resolve() == Path(model_out).resolve():
         raise ZhllmError("--model-out must differ from --model (the original checkpoint is kept)")
-    report = extend_tokenizer(base, inputs, add, out, max_chars=max_chars, field=field, seed=seed, strict=strict)
+    report = extend_tokenizer(base, inputs, add, out, max_chars=max_chars, field=field, seed=seed, strict=strict,
+                              show_progress=progress)
     print(report.table())
     if model is not None:
         from ..model.resize import resize_embeddings
         print(resize_embeddings(model, out, model_out, old_tokenizer_dir=base).table())
 
 
-def eval_command(tokenizer: str, input_path: str, compare: list[str], field: str | None,
+def eval_command(tokenizer: str, inputs: list[str], compare: list[str], field: str | None,
                  max_docs: int | None) -> None:
     from .evaluate import evaluate_tokenizers, stats_table
 
-    print(stats_table(evaluate_tokenizers([tokenizer, *compare], input_path, field=field, max_docs=max_docs)))
+    print(stats_table(evaluate_tokenizers([tokenizer, *compare], inputs, field=field, max_docs=max_docs)))

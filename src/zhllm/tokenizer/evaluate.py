@@ -131,9 +131,10 @@ def measure(encoder, name: str, texts: list[str]) -> TokenizerStats:
     return stats
 
 
-def evaluate_tokenizers(tokenizers: list[str | Path], input_path: str, field: str | None = None,
+def evaluate_tokenizers(tokenizers: list[str | Path], inputs: list[str] | str, field: str | None = None,
                         max_docs: int | None = None) -> list[TokenizerStats]:
-    """`zhllm tokenizer eval`: the same held-out documents through every tokenizer."""
+    """`zhllm tokenizer eval`: the same held-out documents (of files, directories or globs) through every
+    tokenizer."""
     from itertools import islice
 
     from ..data.readers import ReadStats
@@ -142,10 +143,11 @@ def evaluate_tokenizers(tokenizers: list[str | Path], input_path: str, field: st
     if max_docs is not None and max_docs <= 0:
         raise ZhllmError(f"--max-docs must be positive, got {max_docs}")
     encoders = [(open_encoder(t), _display_name(t)) for t in tokenizers]  # fail fast on a bad path
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     stats = ReadStats()
-    texts = list(islice(read_texts([input_path], field, stats=stats), max_docs))
+    texts = list(islice(read_texts(inputs, field, stats=stats), max_docs))
     if not texts:
-        raise ZhllmError(f"no documents in {input_path}: {stats.summary().splitlines()[0]}")
+        raise ZhllmError(f"no documents in {', '.join(map(str, inputs))}: {stats.summary().splitlines()[0]}")
     return [measure(encoder, name, texts) for encoder, name in encoders]
 
 
