@@ -1,8 +1,11 @@
 """Crash-safe writes (ARCHITECTURE rule 5): outputs appear complete under their final name, or not at all."""
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import shutil
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,18 +18,66 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+# Staging directories this process has open: a write into one of them needs no staging of its own (a
+# checkpoint's save_model writes into the checkpoint's staging directory, which is renamed as a whole).
+_STAGING: set[Path] = set()
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(out_dir: Path) -> list[Path]:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings left by a writer on this host that is no longer running.
+
+    The host tag keeps a shared filesystem safe: a process id means nothing on another machine."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for d in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{kind}-{_HOST}-*-*"):
+            pid = d.name.rsplit("-", 2)[-2]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
+def _sibling(out_dir: Path, kind: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 @contextmanager
-def atomic_directory(out_dir: str | Path):
-    """Yield a temporary sibling directory; on success it replaces `out_dir` by rename."""
+def atomic_directory(out_dir: str | Path, marker: str | None = None):
+    """Yield a temporary sibling directory; on success it replaces `out_dir` by rename.
+
+    The staging name carries this host and process id, so the next writer of `out_dir` removes what a killed
+    run left behind. `marker` (a command name) writes the outputs.MARKER file into the result. Inside another
+    staging directory `out_dir` is written directly: the outer rename makes it appear atomically."""
     out_dir = Path(out_dir)
+    real = out_dir.resolve()
+    if any(real == s or real.is_relative_to(s) for s in _STAGING):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        yield out_dir
+        _write_marker(out_dir, marker)
+        return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_siblings(out_dir)
+    tmp = _sibling(out_dir, "tmp")
     tmp.mkdir()
+    staged = tmp.resolve()
+    _STAGING.add(staged)
     try:
         yield tmp
+        _write_marker(tmp, marker)
         _fsync_tree(tmp)
         if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            trash = _sibling(out_dir, "old")
             out_dir.rename(trash)
             tmp.rename(out_dir)
             shutil.rmtree(trash, ignore_errors=True)
@@ -35,6 +86,14 @@ def atomic_directory(out_dir: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _STAGING.discard(staged)
+
+
+def _write_marker(directory: Path, marker: str | None) -> None:
+    if marker is not None:
+        from .outputs import write_marker
+        write_marker(directory, marker)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

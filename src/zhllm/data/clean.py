@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Literal
 from ..config import load_config
 from ..errors import ConfigError, ZhllmError
 from ..fsutil import atomic_directory, atomic_write_text
+from ..outputs import check_output_dir
 from .dedup import (REASONS, DedupConfig, Deduplicator, DiskDeduplicator, check_dedup_config, dedup_keys, exact_key,
                     minhash_signature)
 from .normalize import normalize_text
@@ -162,19 +163,25 @@ class ShardWriter:
             self._fh = None
 
 
+CLEAN_COMMAND = "data clean"
+
+
 def clean_corpus(inputs: Iterable[str | Path] | str | Path, out_dir: str | Path, config: CleanConfig | None = None,
                  field: str | None = None, strict: bool = False, txt_mode: Literal["line", "paragraph"] = "line",
-                 workers: int = 1, progress: bool = True) -> dict:
-    """Clean `inputs` into `out_dir` (jsonl.gz shards + report.json) and return the report."""
+                 workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
+    """Clean `inputs` into `out_dir` (jsonl.gz shards + report.json) and return the report.
+    `out_dir` follows the output policy of outputs.py (`overwrite`: replace another zhllm command's output)."""
     cfg = check_clean_config(config or CleanConfig())
     if workers < 1:
         raise ZhllmError(f"--workers must be at least 1, got {workers}")
-    files = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
+    raw_inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    files = expand_inputs(raw_inputs)
+    check_output_dir(out_dir, CLEAN_COMMAND, inputs=[*raw_inputs, *files], overwrite=overwrite)
     stats = ReadStats()
     records = ((text, _source(rec.data) if cfg.keep_source else None)
                for text, rec in iter_text_records(files, field, strict, stats, txt_mode))
     start = time.perf_counter()
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker=CLEAN_COMMAND) as tmp:
         writer = ShardWriter(tmp, cfg.docs_per_shard)
         try:
             counts = _run(records, cfg, workers, writer, progress)
