@@ -202,6 +202,7 @@ def test_cli_clean_prints_table(tmp_path, capsys):
     (["--strict"], ":47: missing_field"),
     (["--set", "quality.nope=1"], "unknown key 'quality.nope'"),
     (["--set", "dedup.threshold=2"], "dedup.threshold must be between 0 and 1"),
+    (["--set", "dedup.backend=nope"], "dedup.backend must be one of disk, memory, got 'nope'"),
     (["--set", "quality.min_cjk_ratio=30"], "quality.min_cjk_ratio must be between 0 and 1"),
     (["--set", "t2s=true", "--set", "opencc_config=nope"], "opencc_config 'nope' is not an OpenCC conversion"),
 ])
