@@ -1,15 +1,28 @@
-"""Throughput of `zhllm data clean` on the real prose sample, with and without deduplication.
+"""Throughput of `zhllm data clean` on the real prose sample, with and without deduplication, and its
+peak memory at scale: the on-disk dedup (default) against datasketch's in-memory LSH (`dedup.backend: memory`).
 
-Reference points: the reader alone (the ceiling: JSON decoding of the same file), and for MinHash
-signatures, datasketch's documented usage (SHA-1 of every shingle via `update_batch`) against ours
-(numpy polynomial hashes of character n-grams fed with an identity hash).
+Reference points: the reader alone (the ceiling: JSON decoding of the same file), for MinHash signatures
+datasketch's documented usage (SHA-1 of every shingle via `update_batch`) against ours (numpy polynomial
+hashes of character n-grams fed with an identity hash), and for memory the in-memory LSH on the same inputs.
 
-    python benchmarks/bench_clean.py [--input FILE] [--workers 2]
+Scale inputs (`--sizes`, MB) are built in a temporary directory from the shared prose
+(pretrain/*.jsonl except poetry, ~60 MB): copy 0 is the documents as they are, copy k >= 1 each document with
+its sentences (split after 。！？!? and newlines) in an order shuffled by (k, document) and a "【k】" prefix,
+so later copies are mostly near duplicates (long documents) or distinct (short ones), seldom exact ones.
+Copies are appended until the size is reached. Each clean runs in a process of its own, which reports its
+own peak RSS and its workers' (ru_maxrss); the two backends alternate on each input.
+
+    python benchmarks/bench_clean.py [--input FILE] [--workers 2] [--sizes 25,200]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import re
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +32,7 @@ from zhllm.data.dedup import DedupConfig, minhash_signature
 from zhllm.data.readers import iter_texts
 
 DEFAULT_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain" / "web_wiki_news_zh.jsonl"
+_SENTENCE_END = re.compile(r"(?<=[。！？!?\n])")
 
 
 def cpu_seconds() -> float:
@@ -59,10 +73,81 @@ def time_signatures(texts: list[str]) -> tuple[float, float]:
     return len(texts) / reference, len(texts) / ours
 
 
+def build_scaled_input(prose_files: list[Path], megabytes: float, out: Path) -> int:
+    """Write `megabytes` of jsonl: the prose, then perturbed copies of it (see the module docstring)."""
+    texts = [t for f in prose_files for t in iter_texts([str(f)])]
+    limit, written, docs, copy = megabytes * 1e6, 0, 0, 0
+    with open(out, "w", encoding="utf-8") as fh:
+        while written < limit:
+            for i, text in enumerate(texts):
+                if copy:
+                    rng = random.Random(copy * 1_000_003 + i)
+                    sentences = [s for s in _SENTENCE_END.split(text) if s]
+                    rng.shuffle(sentences)
+                    text = f"【{copy}】" + "".join(sentences)
+                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                fh.write(line)
+                written += len(line.encode("utf-8"))
+                docs += 1
+                if written >= limit:
+                    break
+            copy += 1
+    return docs
+
+
+def run_isolated(path: Path, backend: str, workers: int) -> dict:
+    """One clean in a fresh process: its wall time, docs and peak RSS (its own and its workers')."""
+    code = (
+        "import json, resource, sys, tempfile, time\n"
+        "from pathlib import Path\n"
+        "from zhllm.data.clean import CleanConfig, clean_corpus\n"
+        "from zhllm.data.dedup import DedupConfig\n"
+        "path, backend, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+        "with tempfile.TemporaryDirectory() as tmp:\n"
+        "    start = time.perf_counter()\n"
+        "    r = clean_corpus([path], Path(tmp) / 'out', CleanConfig(dedup=DedupConfig(backend=backend)),\n"
+        "                     workers=workers, progress=False)\n"
+        "    secs = time.perf_counter() - start\n"
+        "own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "print(json.dumps({'docs': r['docs_in'], 'kept': r['docs_kept'], 'removed': r['removed'], 'secs': secs,\n"
+        "                  'rss_mb': own / 1024, 'worker_rss_mb': kids / 1024}))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path), backend, str(workers)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def scale_table(prose_files: list[Path], sizes: list[float], workers: int) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mb in sizes:
+            path = Path(tmp) / f"prose-{mb:g}mb.jsonl"
+            build_scaled_input(prose_files, mb, path)
+            results = {b: run_isolated(path, b, workers) for b in ("memory", "disk")}
+            rows.append((mb, results))
+            path.unlink()
+    print(f"\nPeak memory at scale: on-disk dedup (default) vs datasketch's in-memory LSH, workers={workers}\n")
+    print("| input | docs | backend | wall s | docs/s | peak RSS MB (main) | peak RSS MB (workers) | kept | "
+          "near dup | exact dup |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mb, results in rows:
+        for backend, r in results.items():
+            print(f"| {mb:g} MB | {r['docs']:,} | {backend} | {r['secs']:.1f} | {r['docs'] / r['secs']:,.0f} "
+                  f"| {r['rss_mb']:,.0f} | {r['worker_rss_mb']:,.0f} | {r['kept']:,} "
+                  f"| {r['removed'].get('near_duplicate', 0):,} | {r['removed'].get('exact_duplicate', 0):,} |")
+    print("\n| input | docs/s disk / memory | peak RSS disk / memory | same kept count |")
+    print("|---|---:|---:|---|")
+    for mb, results in rows:
+        d, m = results["disk"], results["memory"]
+        print(f"| {mb:g} MB | {(d['docs'] / d['secs']) / (m['docs'] / m['secs']):.2f}x "
+              f"| {d['rss_mb'] / m['rss_mb']:.2f}x | {d['kept'] == m['kept'] and d['removed'] == m['removed']} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", type=Path, default=DEFAULT_INPUT)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--sizes", default="25,200", help="MB of the scale inputs, comma-separated ('' to skip)")
     args = ap.parse_args()
     if not args.input.exists():
         raise SystemExit(f"input not found: {args.input}")
@@ -95,6 +180,11 @@ def main() -> None:
     print("|---|---:|")
     print(f"| datasketch update_batch with SHA-1 per shingle (reference) | {ref:,.0f} |")
     print(f"| zhllm: numpy n-gram hashes, identity hashfunc | {ours:,.0f} ({ours / ref:.1f}x) |")
+
+    sizes = [float(x) for x in args.sizes.split(",") if x.strip()]
+    if sizes:
+        prose = sorted(p for p in args.input.parent.glob("*.jsonl") if "poetry" not in p.name)
+        scale_table(prose, sizes, args.workers)
 
 
 if __name__ == "__main__":
