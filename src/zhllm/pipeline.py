@@ -15,10 +15,11 @@ import yaml
 from .config import load_config, merge, to_dict
 from .errors import ConfigError, ZhllmError
 from .fsutil import atomic_write_text
-from .stages import StageRunner, files_fingerprint
+from .stages import STARTED_FILE, StageRunner, files_fingerprint
 
 BUILTIN_DEMO = "builtin:demo"
 STAGE_ORDER = ["corpus", "clean", "tokenizer", "tokenize", "pretrain", "sft", "eval", "report"]
+PIPELINE_COMMAND = "pipeline"
 
 
 @dataclass
@@ -61,7 +62,7 @@ class SftSection:
 class EvalSection:
     tasks: int = 100               # held-out demo tasks answered greedily by each model
     max_new_tokens: int = 40
-    val_batches: int = 16
+    val_batches: Optional[int] = None  # of pretraining's batch size; None: the windows of its periodic eval
     samples: int = 3               # sample chats shown in the report
 
 
@@ -105,16 +106,23 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 
 def run_pipeline(config: str | Path, overrides: list[str] | None = None, force: bool = False,
-                 until: str | None = None, log=print) -> dict:
-    """Run (or resume) every stage up to `until`; returns {stage: summary}."""
+                 until: str | None = None, log=print, overwrite: bool = False) -> dict:
+    """Run (or resume) every stage up to `until`; returns {stage: summary}.
+    `out_dir` follows outputs.py: a new or empty directory, or an earlier pipeline run (`overwrite`: also
+    another zhllm command's output, which is replaced)."""
     cfg = load_pipeline_config(config, overrides)
     if until is not None and until not in STAGE_ORDER:
         raise ConfigError(f"--until {until!r}: choose one of {', '.join(STAGE_ORDER)}")
     from . import pipeline_stages as ps
+    from .outputs import claim_output_dir
     run = Path(cfg.out_dir)
-    runner = StageRunner(run, force=force, log=log)
-    atomic_write_text(run / "pipeline.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
+    inputs = [i for i in cfg.corpus.inputs + cfg.sft.inputs if i != BUILTIN_DEMO]
+    claim_output_dir(run, PIPELINE_COMMAND, inputs=[*inputs, cfg.tokenizer.path, cfg.clean.config],
+                     overwrite=overwrite, flag="out_dir", recognise=_is_run_dir)
     last = STAGE_ORDER.index(until) if until else len(STAGE_ORDER) - 1
+    plan = [n for n in STAGE_ORDER[:last + 1] if n != "sft" or cfg.sft.enabled]
+    runner = StageRunner(run, force=force, log=log, plan=plan)
+    atomic_write_text(run / "pipeline.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
     steps = [ps.corpus, ps.clean, ps.tokenizer, ps.tokenize, ps.pretrain, ps.sft, ps.evaluate, ps.report]
     upstream: list[str] = []
     results: dict = {}
@@ -125,6 +133,11 @@ def run_pipeline(config: str | Path, overrides: list[str] | None = None, force: 
         results[name] = outcome.summary
         upstream = upstream + [outcome.fingerprint]
     return results
+
+
+def _is_run_dir(d: Path) -> bool:
+    """A run directory written before outputs carried a marker: its config plus a stage the runner started."""
+    return (d / "pipeline.yaml").is_file() and any((d / s / STARTED_FILE).is_file() for s in STAGE_ORDER)
 
 
 def input_fingerprint(inputs: list[str]) -> list:

@@ -102,15 +102,16 @@ def sft(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: 
 
 
 def evaluate(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: dict):
-    from .eval.demo_tasks import evaluate_pipeline_models
+    from .eval.demo_tasks import evaluate_pipeline_models, pretrain_eval_windows
 
     def fn(d: Path) -> dict:
         models = {"pretrain": results["pretrain"]["checkpoint"]}
         if "sft" in results:
             models["sft"] = results["sft"]["checkpoint"]
-        seq_len = int(cfg.pretrain.get("train", {}).get("seq_len", 256))
+        # the windows of pretraining's periodic eval, so its last val loss and this one measure the same text
+        seq_len, batch_size, batches = pretrain_eval_windows(results["pretrain"]["run_dir"])
         return evaluate_pipeline_models(models, results["tokenize"]["path"], d, cfg.eval, seq_len, cfg.seed,
-                                        log=runner.log)
+                                        batch_size, cfg.eval.val_batches or batches, log=runner.log)
 
     return runner.run("eval", to_dict(cfg.eval), upstream, fn)
 

@@ -19,11 +19,12 @@ from typing import Callable
 import torch
 
 from ..errors import ZhllmError
+from ..eval.loss import evaluate_loss
 from ..model.io import model_from_state_dict
 from . import parallel as par
 from .config import RunConfig
 from .cpu_memory import keep_freed_memory
-from .evaluate import evaluate_loss, greedy_samples
+from .evaluate import greedy_samples
 from .master import MasterWeights
 from .metrics import MFU, MetricsLogger, flops_per_token, memory_gb, plot_run, train_line
 from .objectives import Objective, to_device
@@ -183,7 +184,8 @@ class Trainer:
         result = {}
         if self.val_data is not None:
             result = evaluate_loss(self.wrapped, self.objective, self.val_data, self.cfg.train.batch_size,
-                                   ev.batches, self.d, self.autocast, getattr(self.train_data, "bytes_per_token", None))
+                                   ev.batches, device=self.d.device, autocast=self.autocast, rank=self.d.rank,
+                                   world=self.d.world, reduce=lambda sums: par.all_reduce_sum(self.d, sums))
             self.state.val_loss = result["val_loss"]
             if self.state.best_val_loss is None or result["val_loss"] < self.state.best_val_loss:
                 self.state.best_val_loss = result["val_loss"]
@@ -196,7 +198,14 @@ class Trainer:
         return result
 
     def save_checkpoint(self) -> Path | None:
-        """Collective: gathers full state on every rank, rank 0 writes, all wait at a barrier."""
+        """Collective: gathers full state on every rank, rank 0 writes, all wait at a barrier.
+
+        Non-finite weights raise NonFiniteError on every rank and nothing is written: the ranks agree on that
+        before any gather, so none is left waiting in a collective the others have abandoned."""
+        if par.broadcast_flag(self.d, not self._weights_finite()):
+            raise NonFiniteError(f"step {self.state.step}: the weights are not finite (inf/nan), checkpoint NOT "
+                                 "written; the last checkpoint is intact. Lower train.lr, raise train.warmup_steps "
+                                 "or use bf16/fp32")
         optim_sd = par.full_optimizer_state(self.wrapped, self.optimizer, self.d, positional=self.master is not None)
         model_sd = par.full_model_state(self.wrapped) if self.fsdp else \
             self.master.state_dict() if self.master is not None else None
@@ -205,20 +214,23 @@ class Trainer:
             source = self.model if model_sd is None else model_from_state_dict(self.model.config, model_sd)
             if self.export_model is not None:
                 source = self.export_model(source)
-            if not all(torch.isfinite(p).all() for p in source.state_dict().values()):
-                self.echo(f"step {self.state.step}: weights are not finite, checkpoint NOT written")
-            else:
-                self.state.rng = capture_rng()
-                extra = (lambda tmp: self.checkpoint_extra(self.model, tmp)) if self.checkpoint_extra else None
+            self.state.rng = capture_rng()
+            extra = (lambda tmp: self.checkpoint_extra(self.model, tmp)) if self.checkpoint_extra else None
             path = save_checkpoint_atomic(self.ckpt_root, self.state, source, optim_sd, self.tokenizer_dir,
-                                              self.cfg.checkpoint.keep, extra)
+                                          self.cfg.checkpoint.keep, extra)
         par.barrier(self.d)
         return path
+
+    def _weights_finite(self) -> bool:
+        """This rank's weights (its shards under FSDP; the fp32 masters too when they exist) are all finite."""
+        tensors = list(self.model.parameters()) + (list(self.master.master) if self.master is not None else [])
+        return all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in tensors)
 
     # ---- the loop ----
     def fit(self) -> dict:
         cfg, st = self.cfg, self.state
-        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, self.echo) if self.d.is_main else None
+        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, self.echo, start_step=st.step) \
+            if self.d.is_main else None
         fpt = flops_per_token(self.model.config, cfg.train.seq_len)
         mfu = MFU(self.d.device, cfg.train.precision, self.d.world) if self.d.is_main else None
         fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)

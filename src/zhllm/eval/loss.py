@@ -1,0 +1,72 @@
+"""Validation loss, perplexity and bits per byte: the one implementation. The training loop's periodic eval,
+the pipeline's eval stage and `zhllm eval` all call `evaluate_loss`, so one checkpoint on the same windows
+gets the same figure wherever it is measured.
+
+The windows are the first ones of a dataset read in order (`batch(start, count)`): rank r of w reads
+micro-batches (i*w + r) for i < n, i.e. together the first n*w*batch_size windows, whatever w is.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable, Sequence
+
+import torch
+
+from ..train.objectives import Objective, to_device
+
+
+def eval_batches(num_windows: int, batch_size: int, batches: int, world: int = 1) -> int:
+    """Micro-batches each rank evaluates: `batches`, fewer when the split is short, at least 1."""
+    return max(1, min(batches, num_windows // max(batch_size * world, 1)))
+
+
+@torch.no_grad()
+def token_nll(model: torch.nn.Module, objective: Objective, data, batch_size: int, batches: int, *,
+              device: torch.device | str | None = None, autocast: AbstractContextManager | None = None,
+              rank: int = 0, world: int = 1) -> tuple[float, float]:
+    """(summed negative log-likelihood in nats, units it covers) over this rank's share of the eval windows.
+    Units are the objective's loss units: predicted tokens (CausalLM) or unmasked label tokens (SFT)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, units = 0.0, 0.0
+    try:
+        for i in range(eval_batches(len(data), batch_size, batches, world)):
+            batch = to_device(data.batch((i * world + rank) * batch_size, batch_size), device)
+            with autocast if autocast is not None else nullcontext():
+                out = objective.loss(model, batch)
+            nll += float(out.loss_sum)
+            units += out.weight
+    finally:
+        model.train(was_training)
+    return nll, units
+
+
+def loss_metrics(nll: float, units: float, bytes_per_token: float | None = None) -> dict:
+    """val_loss (nats per unit), val_ppl, and val_bpb when the text's UTF-8 bytes per token is known."""
+    loss = nll / max(units, 1e-12)
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if bytes_per_token:
+        result["val_bpb"] = loss / math.log(2) / bytes_per_token
+    return result
+
+
+def evaluate_loss(model: torch.nn.Module, objective: Objective, data, batch_size: int, batches: int, *,
+                  device: torch.device | str | None = None, autocast: AbstractContextManager | None = None,
+                  rank: int = 0, world: int = 1,
+                  reduce: Callable[[Sequence[float]], Sequence[float]] | None = None,
+                  bytes_per_token: float | None = None) -> dict:
+    """Mean loss over the first `batches * batch_size * world` windows of `data` (the same windows every
+    call, so successive evals are comparable). Under DDP/FSDP every rank calls it and `reduce` sums the
+    ranks' [nll, units] (the forward is collective under FSDP, so every rank runs the same number of
+    batches). bits/byte uses `data.bytes_per_token` unless given: the split being measured, not another."""
+    nll, units = token_nll(model, objective, data, batch_size, batches, device=device, autocast=autocast,
+                           rank=rank, world=world)
+    if reduce is not None:
+        nll, units = reduce([nll, units])
+    if bytes_per_token is None:
+        bytes_per_token = getattr(data, "bytes_per_token", None)
+    result = loss_metrics(nll, units, bytes_per_token)
+    result["val_windows"] = eval_batches(len(data), batch_size, batches, world) * batch_size * world
+    return result

@@ -1,0 +1,120 @@
+"""What an evaluation task is, and how one is run against a model.
+
+A task has items; for each item it builds a prompt (plain text for a pretrained model, chat messages for a
+chat model) and scores the model's response. Two kinds:
+- "generative": the model answers greedily and `score(item, output)` judges the text (e.g. exact match);
+- "categorical": each item has choices; the model's pick is the choice whose continuation it finds most
+  likely (summed log-probability after the prompt), and the item is right when that is `item.answer`.
+A new task is a `Task` subclass in its own module here (demo_tasks.py is the generative example).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+
+
+
+@dataclass(frozen=True)
+class Item:
+    question: str
+    answer: str                      # generative: the reference; categorical: the correct choice's label
+    choices: tuple[str, ...] = ()    # categorical only: the labels a model picks from
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+class Task:
+    name: str = "task"
+    kind: Literal["categorical", "generative"] = "generative"
+
+    def items(self) -> Sequence[Item]:
+        raise NotImplementedError
+
+    def prompt(self, item: Item, chat: bool) -> str | list[dict]:
+        """Plain text for a pretrained model to complete, or chat messages for a chat model."""
+        raise NotImplementedError
+
+    # generative tasks
+    def stop_strings(self, chat: bool) -> tuple[str, ...]:
+        return ()
+
+    def score(self, item: Item, output: str) -> bool:
+        raise NotImplementedError
+
+    # categorical tasks
+    def continuation(self, item: Item, choice: str) -> str:
+        """The text scored after the prompt for one choice (by default the choice itself)."""
+        return choice
+
+
+def generate_answers(model, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int,
+                     stop_strings: Sequence[str] = ()) -> list[str]:
+    """Greedy answers, one per prompt. The one place evaluation calls the decoder (switch to the inference
+    engine's `Engine.generate_batch` here when it lands)."""
+    from ..infer.generate import generate_batch
+    return generate_batch(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=0.0,
+                          stop_strings=tuple(stop_strings))
+
+
+@torch.no_grad()
+def continuation_logprobs(model, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+    """Summed log p(continuation | prompt) for each continuation, in nats, all in one right-padded batch
+    (the model is causal, so padding after a row's end never reaches that row's scores)."""
+    if not continuations or any(len(c) == 0 for c in continuations):
+        raise ValueError("every continuation needs at least one token")
+    device = next(model.parameters()).device
+    rows = [list(prompt_ids) + list(c) for c in continuations]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, device=device)
+    logp = torch.log_softmax(model(ids).float(), dim=-1)
+    out = []
+    for i, c in enumerate(continuations):
+        start = len(prompt_ids)  # logits at position t predict token t+1
+        targets = ids[i, start:start + len(c)]
+        out.append(float(logp[i, start - 1:start - 1 + len(c)].gather(-1, targets[:, None]).sum()))
+    return out
+
+
+def pick_choice(model, tokenizer, task: Task, item: Item, chat: bool) -> tuple[str, list[float]]:
+    """Categorical scoring core: the choice with the highest log-probability continuation, and all scores
+    (the one place evaluation scores text: switch to the inference engine's `Engine.score` here)."""
+    from ..infer.prompts import encode_prompt
+    from ..tokenizer.encode import encode_text
+    prompt_ids = encode_prompt(tokenizer, task.prompt(item, chat))
+    continuations = [encode_text(tokenizer, task.continuation(item, c)) for c in item.choices]
+    scores = continuation_logprobs(model, prompt_ids, continuations)
+    return item.choices[max(range(len(scores)), key=scores.__getitem__)], scores
+
+
+def run_task(task: Task, model, tokenizer, chat: bool, max_new_tokens: int = 64, batch_size: int = 16) -> list[dict]:
+    """One row per item: question, reference, the model's output (or pick) and whether it is correct."""
+    items = list(task.items())
+    was_training = model.training
+    model.eval()
+    rows: list[dict] = []
+    try:
+        if task.kind == "generative":
+            prompts = [task.prompt(it, chat) for it in items]
+            outputs: list[str] = []
+            for i in range(0, len(prompts), batch_size):
+                outputs += generate_answers(model, tokenizer, prompts[i:i + batch_size], max_new_tokens,
+                                            task.stop_strings(chat))
+            rows = [{"question": it.question, "answer": it.answer, "output": out, "correct": bool(task.score(it, out))}
+                    for it, out in zip(items, outputs)]
+        elif task.kind == "categorical":
+            for it in items:
+                pick, scores = pick_choice(model, tokenizer, task, it, chat)
+                rows.append({"question": it.question, "answer": it.answer, "output": pick, "scores": scores,
+                             "correct": pick == it.answer})
+        else:
+            raise ValueError(f"{task.name}: unknown task kind {task.kind!r}")
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def accuracy(rows: Sequence[dict]) -> float:
+    return sum(r["correct"] for r in rows) / max(len(rows), 1)
