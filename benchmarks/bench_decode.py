@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from zhllm.infer.generate import generate_ids
+from zhllm.infer.engine import Engine
 from zhllm.infer.native import native_decode
 from zhllm.model.config import model_config_from
 from zhllm.model.io import load_model, new_model, save_model
@@ -39,8 +39,8 @@ def timed(fn) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
-def zhllm_run(model, prompts: torch.Tensor, n: int):
-    rows = generate_ids(model, prompts.tolist(), max_new_tokens=n)
+def zhllm_run(engine: Engine, prompts: torch.Tensor, n: int):
+    rows = [c.token_ids for c in engine.generate_batch(prompts.tolist(), max_new_tokens=n).completions]
     assert all(len(r) == n for r in rows), "zhllm stopped early"
     return rows
 
@@ -54,7 +54,7 @@ def hf_run(model, prompts: torch.Tensor, n: int):
 
 
 def measure(ours, theirs, batch: int, n: int, repeats: int, prompt_len: int) -> dict:
-    vocab = ours.config.vocab_size
+    vocab = ours.vocab_size
     prompts = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     zhllm_run(ours, prompts, 4)  # warm-up: allocator, fused weights, thread pools
     hf_run(theirs, prompts, 4)
@@ -102,8 +102,7 @@ def main() -> None:
         path = save_model(new_model(cfg, seed=0), Path(tmp) / "model")
         for name in args.dtypes.split(","):
             dtype, quantize = DTYPES[name]
-            ours = load_model(path, dtype=dtype)
-            ours.decode_quantize = quantize
+            ours = Engine(load_model(path, dtype=dtype), quantize=quantize)  # no tokenizer: ids only
             theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
             for batch in map(int, args.batches.split(",")):
                 r = measure(ours, theirs, batch, args.new_tokens, args.repeats, args.prompt_len)

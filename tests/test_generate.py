@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zhllm import ZhllmError, generate, stream_generate
-from zhllm.infer.decoder import fused_decoder
+from zhllm.infer.decoder import FusedDecoder, FusedDecoderCache
 from zhllm.infer.generate import generate_batch, generate_ids, load_for_inference
 from zhllm.infer.prompts import encode_messages
 from zhllm.infer.sampling import SamplingParams, filter_top_k, filter_top_p, apply_repetition_penalty
@@ -59,7 +59,7 @@ def test_fused_decode_step_equals_model_forward(arch):
         full = model(ids)
         cache = KVCache.empty(cfg, 2, 9, torch.float32, "cpu")
         model(ids[:, :5], cache=cache)
-        dec = fused_decoder(model)
+        dec = FusedDecoder(model)
         for t in range(5, 9):
             logits = dec.step(ids[:, t], torch.full((2,), t), cache)
             assert torch.allclose(logits, full[:, t], atol=1e-4)
@@ -75,10 +75,9 @@ def test_bf16_and_int8_decode_steps_stay_close_to_the_forward(quantize):
     with torch.inference_mode():
         full = model(ids)
         low = new_model(cfg, seed=5).eval().to(torch.bfloat16)
-        low.decode_quantize = quantize
         cache = KVCache.empty(cfg, 3, 40, torch.bfloat16, "cpu")
         low(ids[:, :8], cache=cache)
-        dec = fused_decoder(low)
+        dec = FusedDecoder(low, quantize)
         steps = [dec.step(ids[:, t], torch.full((3,), t), cache).float() for t in range(8, 40)]
     got, want = torch.stack(steps, 1), full[:, 8:40]
     err = (got - want).norm() / want.norm()
@@ -100,7 +99,7 @@ def test_int8_weights_round_trip_within_half_a_step():
 
 
 def test_prepacked_bf16_linear_equals_f_linear():
-    from zhllm.infer.generate import cpu_has_bf16
+    from zhllm.infer.loading import cpu_has_bf16
     from zhllm.infer.linear import prepacked
     if not cpu_has_bf16():
         pytest.skip("this CPU has no native bf16: the dense path is used")
@@ -112,11 +111,12 @@ def test_prepacked_bf16_linear_equals_f_linear():
 def test_fused_weights_follow_in_place_updates():
     cfg = model_config_from("tiny", {"vocab_size": 64})
     model = new_model(cfg, seed=0).eval()
-    before = fused_decoder(model)
-    assert fused_decoder(model) is before
+    fused = FusedDecoderCache()
+    before = fused.get(model)
+    assert fused.get(model) is before
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(2)  # what an optimizer step does
-    assert fused_decoder(model) is not before
+    assert fused.get(model) is not before
 
 
 def test_batch_with_left_padding_equals_one_by_one(lively):

@@ -6,7 +6,7 @@ import torch
 
 import zhllm.infer.native as native
 from zhllm.infer.decoder import FusedDecoder
-from zhllm.infer.generate import generate_ids
+from zhllm.infer.engine import Engine
 from zhllm.model.config import model_config_from
 from zhllm.model.io import new_model
 from zhllm.model.transformer import KVCache
@@ -60,12 +60,13 @@ def test_native_step_equals_pytorch_step(module, over):
 
 def test_generation_uses_it_only_where_it_applies(module):
     model = tiny_bf16()
-    model.decode_quantize = "int8"
+    engine = Engine(model, quantize="int8")
     prompts = [[5, 9, 11], [3, 4]]
-    one = generate_ids(model, prompts[:1], max_new_tokens=12)  # batch 1: native
-    both = generate_ids(model, prompts, max_new_tokens=12)  # batch 2 with padding: the PyTorch step
-    assert len(one[0]) == 12 and len(both[0]) == len(both[1]) == 12
-    assert sum(x == y for x, y in zip(one[0], both[0])) >= 10
+    one = engine.generate_batch(prompts[:1], max_new_tokens=12).completions[0].token_ids  # batch 1: native
+    both = [c.token_ids for c in engine.generate_batch(prompts, max_new_tokens=12).completions]  # PyTorch step
+    assert engine._fused.get(model).native is not None
+    assert len(one) == 12 and len(both[0]) == len(both[1]) == 12
+    assert sum(x == y for x, y in zip(one, both[0])) >= 10
     assert FusedDecoder(tiny_bf16(attention_bias=True), "int8").native is None  # biases: PyTorch step
     assert FusedDecoder(model.float(), "int8").native is None  # fp32 activations: PyTorch step
 

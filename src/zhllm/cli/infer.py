@@ -41,8 +41,8 @@ def register(root, groups) -> None:
     p = root.add_parser("chat", help="multi-turn chat in the terminal",
                         description="Chat with a model; answers stream as they are generated. "
                                     "Commands: /reset clears the conversation, /exit quits. When stdin is not a "
-                                    "terminal, each input line is one user message and each answer is printed "
-                                    "followed by a newline.")
+                                    "terminal, each input line is one user message, each answer ends with a "
+                                    "newline and a blank line separates answers.")
     p.add_argument("dir", help="checkpoint directory")
     p.add_argument("--system", default=None, help="system message placed before the conversation")
     _sampling_arguments(p, temperature=0.7, max_new_tokens=512)

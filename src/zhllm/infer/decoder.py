@@ -6,8 +6,10 @@ step. So the step runs on fused copies of the weights: q/k/v in one matrix and g
 products per step for 8 layers instead of 57), each RMSNorm's weight folded into the matrix it feeds
 (W @ (g * n) = (W * g) @ n, so a norm is one `F.rms_norm` call), RoPE as one `addcmul`. The copies are built
 by `infer/linear.py` in the fastest layout for the device and dtype (oneDNN-prepacked bf16, or weight-only
-int8 when asked), live only here, are rebuilt when the model's weights change (a trainer evaluating between
-steps) and are never saved: the checkpoint keeps HF parameter names.
+int8 when asked), live in the engine's `FusedDecoderCache` (never on the model), are rebuilt when the model's
+weights change (a trainer evaluating between steps) and are never saved: the checkpoint keeps HF parameter names.
+The copies are read from plain `nn.Linear` weights, so only a plain `Transformer` qualifies (`can_fuse`): under
+LoRA the weights would be the base's, under FSDP shards.
 
 Prefill (the prompt) goes through `Transformer.hidden_states`, which writes the same `KVCache`; this step
 then continues from `cache.length`. In fp32 the step equals `Transformer.forward` with a cache to rounding
@@ -22,9 +24,6 @@ import torch.nn.functional as F
 
 from ..model.transformer import KVCache, Transformer
 from .linear import LinearFn, decode_linear
-
-_CACHE_ATTR = "_zhllm_fused_decoder"
-
 
 @dataclass
 class FusedLayer:
@@ -144,13 +143,33 @@ def _weights_key(model: Transformer) -> tuple:
     return tuple((p.data_ptr(), _version(p), p.dtype) for p in model.parameters())
 
 
-def fused_decoder(model: Transformer) -> FusedDecoder:
-    """The model's FusedDecoder, built once and rebuilt only when its weights or `decode_quantize` change."""
-    quantize = getattr(model, "decode_quantize", "none")
-    key = (_weights_key(model), quantize)
-    cached = model.__dict__.get(_CACHE_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    decoder = FusedDecoder(model, quantize)
-    model.__dict__[_CACHE_ATTR] = (key, decoder)
-    return decoder
+def can_fuse(model: torch.nn.Module) -> bool:
+    """Whether the fused step would decode what `model` computes: a plain zhllm Transformer (not an FSDP or
+    other subclass) whose projections are plain nn.Linear layers (not LoRA or quantized wrappers) holding
+    ordinary tensors (not DTensor shards)."""
+    if type(model) is not Transformer:
+        return False
+    linears = [model.lm_head] + [m for layer in model.model.layers
+                                 for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                           layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                                           layer.mlp.down_proj)]
+    if any(type(m) is not torch.nn.Linear for m in linears) or type(model.model.embed_tokens) is not torch.nn.Embedding:
+        return False
+    return all(type(p) is torch.nn.Parameter and type(p.data) is torch.Tensor for p in model.parameters())
+
+
+class FusedDecoderCache:
+    """One model's FusedDecoder, built on first use and rebuilt only when the model's weights change (a
+    trainer sampling between optimizer steps). Held by an `Engine`, never stored on the model."""
+
+    def __init__(self, quantize: str = "none"):
+        decode_linear(quantize)  # an unknown mode fails here, not at the first decode
+        self.quantize = quantize
+        self._key: tuple | None = None
+        self._decoder: FusedDecoder | None = None
+
+    def get(self, model: Transformer) -> FusedDecoder:
+        key = _weights_key(model)
+        if self._decoder is None or self._decoder.model is not model or key != self._key:
+            self._decoder, self._key = FusedDecoder(model, self.quantize), key
+        return self._decoder

@@ -64,13 +64,22 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits of the last position -> (B,) chosen token ids."""
+def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                generator: torch.Generator | None,
+                with_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, V) logits of the last position -> ((B,) chosen token ids, (B,) their log-probs or None).
+
+    The log-prob is that of the distribution the token was drawn from (after repetition penalty, temperature,
+    top-k and top-p); a greedy choice reports the model's own log-prob (temperature 1, after the penalty).
+    """
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(-1)
-    logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        tokens = logits.argmax(-1)
+    else:
+        logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+        tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    if not with_logprobs:
+        return tokens, None
+    return tokens, logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)

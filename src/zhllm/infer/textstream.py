@@ -3,8 +3,10 @@
 A byte-level BPE token can end in the middle of a UTF-8 character (most Chinese characters are three bytes
 and the tokenizer may split them), so decoding one token at a time would print replacement characters.
 `TextStream` decodes a small window of recent tokens and releases text only once it no longer ends in an
-incomplete character (the offset scheme of transformers' TextStreamer and TGI). It also holds back any tail
-that could be the start of a stop string, so a streamed answer never shows half of a stop string.
+incomplete character (the offset scheme of transformers' TextStreamer and TGI). Bytes that can no longer
+become a character (an incomplete sequence followed by something else, or left over at the end) are dropped
+rather than shown as U+FFFD. It also holds back any tail that could be the start of a stop string, so a
+streamed answer never shows half of a stop string.
 """
 from __future__ import annotations
 
@@ -38,15 +40,17 @@ class TextStream:
         if window_text.endswith(REPLACEMENT_CHAR):
             return ""  # an incomplete UTF-8 character: wait for the next token
         done = self._decode(self.ids[self._prefix:self._read])
-        self._text += window_text[len(done):]
+        # A replacement character before the window's end is an incomplete sequence that the next bytes
+        # did not complete: it will never be a character.
+        self._text += window_text[len(done):].replace(REPLACEMENT_CHAR, "")
         self._prefix, self._read = self._read, len(self.ids)
         return self._release(final=False)
 
     def finish(self) -> str:
-        """Release whatever is held back (end of generation)."""
+        """Release whatever is held back (end of generation); an incomplete character at the end is dropped."""
         if not self.stopped and self._read < len(self.ids):
             done = self._decode(self.ids[self._prefix:self._read])
-            self._text += self._decode(self.ids[self._prefix:])[len(done):]
+            self._text += self._decode(self.ids[self._prefix:])[len(done):].replace(REPLACEMENT_CHAR, "")
             self._read = len(self.ids)
         return self._release(final=True)
 

@@ -1,0 +1,108 @@
+"""Loading a checkpoint for inference: device and dtype choice, the tokenizer check, and the stop ids."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import ZhllmError
+
+CHAT_END = "<|im_end|>"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ZhllmError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ZhllmError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), where decoding streams half the
+    bytes of fp32 through oneDNN (benchmarks/bench_decode.py); fp32 on other CPUs, where bf16 is emulated."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise ZhllmError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def cpu_has_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def check_quantize(quantize: str, device: torch.device) -> None:
+    from .linear import QUANTIZE
+    if quantize not in QUANTIZE:
+        raise ZhllmError(f"unknown quantization {quantize!r} (use {', '.join(QUANTIZE)})")
+    if quantize == "int8" and device.type != "cpu":
+        raise ZhllmError("int8 decoding runs on the CPU; on a GPU use bfloat16 (memory bandwidth is not the limit)")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "auto",
+                    dtype: str | torch.dtype | None = "auto") -> tuple[torch.nn.Module, object, list[int]]:
+    """(model in eval mode, tokenizer, eos ids of generation_config.json) from a checkpoint directory,
+    checked to fit together."""
+    from ..model.io import TOKENIZER_FILES, load_model
+    from ..pointers import resolve_model_dir
+    from ..tokenizer.load import load_tokenizer
+
+    path = resolve_model_dir(path)  # a run's checkpoints/latest: once, so every file comes from one step
+    dev = resolve_device(device)
+    model = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev))
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ZhllmError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+                         "a checkpoint for generation needs its tokenizer")
+    tokenizer = load_tokenizer(path)
+    check_vocab(model, tokenizer)
+    return model, tokenizer, generation_config_eos(Path(path))
+
+
+def check_vocab(model, tokenizer) -> None:
+    vocab = model_limits(model)[0]
+    if len(tokenizer) > vocab:
+        raise ZhllmError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has only "
+                         f"{vocab}; they do not belong together")
+
+
+def model_limits(model) -> tuple[int, int]:
+    """(vocabulary size, context length) from a zhllm ModelConfig or a transformers config."""
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    ctx = getattr(cfg, "max_seq_len", None) or getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(vocab, int) or not isinstance(ctx, int):
+        raise ZhllmError(f"{type(model).__name__} has no config with vocab_size and max_seq_len "
+                         "(or max_position_embeddings); the engine needs both")
+    return vocab, ctx
+
+
+def generation_config_eos(path: Path) -> list[int]:
+    f = path / "generation_config.json"
+    try:
+        eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id") if f.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        raise ZhllmError(f"{f}: invalid JSON") from None
+    eos = [eos] if isinstance(eos, int) else (eos or [])
+    return [i for i in eos if isinstance(i, int)]
+
+
+def stop_ids_for(tokenizer, extra: list[int] | tuple[int, ...] = ()) -> list[int]:
+    """The tokenizer's EOS, ChatML's end of turn, and `extra` (the eos list of generation_config.json)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.convert_tokens_to_ids(CHAT_END)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    ids += list(extra)
+    return list(dict.fromkeys(ids))
