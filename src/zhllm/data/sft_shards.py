@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import ConfigError, ZhllmError
 from ..fsutil import atomic_directory, atomic_write_text
+from ..pointers import resolve_model_dir
 from .chat import FORMATS, SFTStats, encode_records, tokenizers_single_threaded
 from .ordered_pool import imap_ordered
 from .read_stats import ReadStats
@@ -124,6 +125,7 @@ def tokenize_sft(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pa
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     files = expand_inputs(inputs)
+    tokenizer_dir = resolve_model_dir(tokenizer_dir)  # checkpoints/latest: record and copy the step it names
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)

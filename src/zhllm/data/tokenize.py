@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import ZhllmError
 from ..fsutil import atomic_directory, atomic_write_text
+from ..pointers import resolve_model_dir
 from .ordered_pool import imap_ordered
 from .shards import (TOKENIZER_SUBDIR, VERSION, ShardWriter, build_meta, open_shard_dir, token_dtype,
                      tokenizer_fingerprint, write_meta)
@@ -147,6 +148,7 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, out_dir: str | Pat
     _check_args(val_fraction, workers, num_shards, shard_index, shard_tokens, unit_chars)
     workers = workers or os.cpu_count() or 1
     files = expand_inputs(inputs)
+    tokenizer = resolve_model_dir(tokenizer)  # a checkpoints/latest pointer: its files are copied below
     backend, vocab_size, eos_id = read_tokenizer(tokenizer)
     fingerprint = tokenizer_fingerprint(backend)
     out_dir = Path(out_dir)
@@ -201,7 +203,7 @@ def read_tokenizer(path: str | Path):
     """
     from tokenizers import Tokenizer
 
-    path = Path(path)
+    path = resolve_model_dir(path)
     if (path / "tokenizer.json").is_file():
         try:
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))

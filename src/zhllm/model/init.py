@@ -66,9 +66,10 @@ def format_count(n: int) -> str:
 
 def model_info(path: str | Path) -> str:
     """A human-readable summary of a checkpoint directory (reads config.json and the tokenizer only)."""
+    from ..pointers import resolve_model_dir
     from .io import read_model_config
 
-    path = Path(path)
+    path = resolve_model_dir(path)  # checkpoints/best of a run: describe the step it names
     cfg = read_model_config(path)
     hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
     lines = [

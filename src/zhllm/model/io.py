@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ZhllmError
 from ..fsutil import atomic_directory
+from ..pointers import resolve_model_dir
 from .config import ModelConfig
 from .transformer import Transformer, rope_frequencies
 
@@ -23,7 +24,7 @@ IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
-    path = Path(path)
+    path = resolve_model_dir(path)
     if not path.is_dir():
         raise ZhllmError(f"model directory not found: {path}")
     cfg_file = path / "config.json"
@@ -56,7 +57,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(Path(path)):
+    for f in _weight_files(resolve_model_dir(path)):
         try:
             part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
         except (SafetensorError, OSError, RuntimeError, EOFError) as e:
@@ -68,6 +69,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                train: bool = False) -> Transformer:
     """Load any HF Llama/Qwen2 directory as a zhllm Transformer (eval mode unless `train`)."""
+    path = resolve_model_dir(path)  # once: config and weights from the same checkpoint
     cfg = read_model_config(path)
     state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
@@ -140,7 +142,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra_fi
 
 def copy_tokenizer(tokenizer, dest: Path) -> None:
     if isinstance(tokenizer, (str, Path)):
-        src = Path(tokenizer)
+        src = resolve_model_dir(tokenizer)
         found = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
         if not found:
             raise ZhllmError(f"{src}: no tokenizer files found")

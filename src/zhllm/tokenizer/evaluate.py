@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ZhllmError
+from ..pointers import resolve_model_dir
 from .encode import encode_batch_texts
 from .load import load_tokenizer
 
@@ -75,7 +76,7 @@ class SentencePieceEncoder:
 
 def open_encoder(path: str | Path):
     """An encoder for an HF tokenizer directory or a SentencePiece model file/directory."""
-    path = Path(path)
+    path = resolve_model_dir(path)  # a run's checkpoints/latest pointer
     if path.is_file() and path.suffix == ".model":
         return SentencePieceEncoder(path)
     if path.is_dir() and not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")) \

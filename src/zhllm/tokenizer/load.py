@@ -4,13 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ZhllmError
+from ..pointers import resolve_model_dir
 
 
 def load_tokenizer(path: str | Path):
     """`AutoTokenizer.from_pretrained(path)` with a clear error for a missing or broken directory."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    path = resolve_model_dir(path)
     if not path.is_dir():
         raise ZhllmError(f"tokenizer directory not found: {path}")
     try:

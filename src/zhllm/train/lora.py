@@ -152,7 +152,9 @@ def merge_adapter(model: nn.Module) -> nn.Module:
 def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Base checkpoint + adapter -> full HF-native checkpoint (with the tokenizer) in the base's dtype."""
     from ..model.io import TOKENIZER_FILES, load_model, read_state_dict, save_model
+    from ..pointers import resolve_model_dir
 
+    base_dir, adapter_dir = resolve_model_dir(base_dir), resolve_model_dir(adapter_dir)  # checkpoints/latest
     base_dtype = next(iter(read_state_dict(base_dir).values())).dtype
     model = load_model(base_dir, dtype=torch.float32)  # merge in fp32, store in the base's dtype
     model = merge_adapter(load_adapter(model, adapter_dir))

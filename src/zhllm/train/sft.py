@@ -185,7 +185,8 @@ def run_sft(config: str | Path, overrides: list[str] | None = None, resume: str 
     if resume is None and checkpoint_dirs(ckpt_root):
         raise ZhllmError(f"{cfg.out_dir} already holds checkpoints; pass --resume auto to continue, "
                          "or choose another out_dir")
-    init_from = str(cfg.model["init_from"])
+    from ..pointers import resolve_model_dir
+    init_from = str(resolve_model_dir(cfg.model["init_from"]))  # checkpoints/latest: the step it names now
     tokenizer = load_tokenizer(init_from)
     d = par.init_distributed(t.device)
     try:

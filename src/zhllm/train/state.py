@@ -3,7 +3,8 @@
 A checkpoint is an HF-native model directory (loads in transformers) plus `trainer_state.json` (step, tokens,
 data position, RNG states, val losses) and `optimizer.pt`. The whole directory is staged under a temporary
 name and renamed when complete (rule 5), and `trainer_state.json` is written last, so a directory named
-`step_N` is always complete. `latest` and `best` are small text files naming a checkpoint, replaced atomically.
+`step_N` is always complete. `latest` and `best` are symlinks to a checkpoint (`latest -> step_N`), replaced
+atomically, so `checkpoints/latest` is a model directory; older runs have text files there (see pointers.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 
 from ..errors import ZhllmError
-from ..fsutil import atomic_directory, atomic_write_text
+from ..fsutil import atomic_directory
+from ..pointers import pointer_target, resolve_model_dir, write_pointer
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -90,11 +92,14 @@ def is_complete(d: Path) -> bool:
 
 
 def read_pointer(ckpt_root: Path, name: str) -> Path | None:
-    p = ckpt_root / name
-    if not p.is_file():
+    """The complete `ckpt_root/step_N` that pointer `name` names (symlink or old text file), else None.
+
+    Returned as `ckpt_root / step_N`, the same path checkpoint_dirs gives, so the two compare equal."""
+    target = pointer_target(ckpt_root / name)
+    if target is None or not STEP_DIR.match(target):
         return None
-    target = ckpt_root / p.read_text().strip()
-    return target if target.is_dir() and is_complete(target) else None
+    d = ckpt_root / target
+    return d if d.is_dir() and is_complete(d) else None
 
 
 def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
@@ -104,7 +109,7 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
     if resume == "auto":
         found = checkpoint_dirs(ckpt_root)
         return found[-1][1] if found else None
-    path = Path(resume)
+    path = resolve_model_dir(resume)
     if not path.is_dir() or not is_complete(path):
         raise ZhllmError(f"--resume {resume}: not a complete training checkpoint "
                          f"(needs {STATE_FILE}, {OPTIMIZER_FILE}, config.json, model.safetensors)")
@@ -127,10 +132,10 @@ def save_checkpoint_atomic(ckpt_root: Path, state: TrainerState, model, optimize
         if os.environ.get(FAIL_IN_SAVE_ENV) == str(state.step):
             os._exit(1)
         (tmp / STATE_FILE).write_text(state.to_json())
-    atomic_write_text(ckpt_root / "latest", out.name + "\n")
+    write_pointer(ckpt_root, "latest", out.name)
     best = read_pointer(ckpt_root, "best")
     if state.val_loss is not None and (best is None or _val_loss(best) is None or state.val_loss <= _val_loss(best)):
-        atomic_write_text(ckpt_root / "best", out.name + "\n")
+        write_pointer(ckpt_root, "best", out.name)
     prune_checkpoints(ckpt_root, keep)
     return out
 
@@ -140,12 +145,15 @@ def _val_loss(d: Path) -> float | None:
 
 
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints plus the one `best` names; remove stale temp dirs of crashed saves."""
+    """Keep the newest `keep` checkpoints plus the ones `best` and `latest` name (a run resumed from an older
+    step moves `latest` below the newest); remove stale temp dirs of crashed saves. The pointers themselves
+    are never entered: checkpoint_dirs lists `step_N` directories only."""
     found = checkpoint_dirs(ckpt_root)
     protected = {d for _, d in found[-keep:]} if keep > 0 else {found[-1][1]} if found else set()
-    best = read_pointer(ckpt_root, "best")
-    if best is not None:
-        protected.add(best)
+    for name in ("best", "latest"):
+        pointed = read_pointer(ckpt_root, name)
+        if pointed is not None:
+            protected.add(pointed)
     for _, d in found:
         if d not in protected:
             shutil.rmtree(d, ignore_errors=True)
