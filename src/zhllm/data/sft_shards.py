@@ -70,12 +70,20 @@ def encode_unit(records: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, SFTS
 
 
 def _units(records: Iterable, size: int) -> Iterator[tuple[int, list]]:
+    """Records in units of `size`. When reading fails (--strict at a bad line), the records read before it
+    still go out as a last unit before the error: one of them may be a bad conversation that comes first
+    in the file, and --strict must name the first bad record in file order."""
     unit: list = []
-    for rec in records:
-        unit.append(rec)
-        if len(unit) == size:
+    try:
+        for rec in records:
+            unit.append(rec)
+            if len(unit) == size:
+                yield len(unit), unit
+                unit = []
+    except Exception:
+        if unit:
             yield len(unit), unit
-            unit = []
+        raise
     if unit:
         yield len(unit), unit
 

@@ -262,13 +262,19 @@ def _claim_directory(job: _Job, tokenizer_path: Path) -> None:
 
 
 def _work_units(texts: Iterable[str], unit_chars: int) -> Iterator[list[str]]:
+    """Texts in units of about `unit_chars`; a reading error (--strict) comes after the texts read before it."""
     unit, size = [], 0
-    for text in texts:
-        unit.append(text)
-        size += len(text)
-        if size >= unit_chars:
+    try:
+        for text in texts:
+            unit.append(text)
+            size += len(text)
+            if size >= unit_chars:
+                yield unit
+                unit, size = [], 0
+    except Exception:
+        if unit:
             yield unit
-            unit, size = [], 0
+        raise
     if unit:
         yield unit
 
