@@ -5,6 +5,7 @@ resumes run in-process to keep the suite fast.
 """
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -34,6 +35,10 @@ def test_resume_after_crash_is_bitwise_exact(tmp_path, shards, setup, capsys):
     a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert sorted(a) == list(range(1, 13))
     assert a == b  # bitwise: JSON floats round-trip exactly
+    # The raw file, not read_metrics (which hides repeats): steps 7-8 of the killed run are not kept twice.
+    raw = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in raw if r.get("kind", "train") == "train"] == list(range(1, 13))
+    assert [r["step"] for r in raw if r.get("kind") == "eval"] == [6, 12]
     wa, wb = final_weights(tmp_path / "a", 12), final_weights(tmp_path / "b", 12)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -101,3 +106,67 @@ def test_compiled_layers_train_like_eager_and_save_plain_checkpoints(tmp_path, s
     weights = load_model(tmp_path / "b" / "checkpoints" / "step_6").state_dict()
     assert "model.layers.0.self_attn.q_proj.weight" in weights and not any("_orig_mod" in k for k in weights)
     assert "sample" in capsys.readouterr().out.lower()
+
+
+POISON_SCRIPT = """
+import sys, torch
+from zhllm.train import trainer
+train_step = trainer.Trainer.train_step
+
+def poisoned(self):  # a blown-up update on rank 0 only: the ranks must still agree on what happens
+    out = train_step(self)
+    if self.state.step == 5 and self.d.rank == 0:
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(float("inf"))
+    return out
+
+trainer.Trainer.train_step = poisoned
+from zhllm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _assert_no_checkpoint_after_blow_up(run_dir):
+    ckpts = run_dir / "checkpoints"
+    assert not (ckpts / "step_6").exists() and not list(ckpts.glob(".step_*"))
+
+
+def test_nonfinite_weights_end_the_cli_with_one_error_line(tmp_path, shards, monkeypatch, capsys):
+    from zhllm.cli import main
+    from zhllm.train import trainer
+    train_step = trainer.Trainer.train_step
+
+    def poisoned(self):
+        out = train_step(self)
+        if self.state.step == 5:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", poisoned)
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "r", max_steps=8)
+    assert main(["pretrain", "--config", str(recipe), "--set", "checkpoint.every=6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("zhllm: error: step 6: the weights are not finite") and "\n" not in err, err
+    _assert_no_checkpoint_after_blow_up(tmp_path / "r")
+
+
+def test_nonfinite_weights_under_two_processes_exit_cleanly(tmp_path, shards):
+    import subprocess
+    import sys
+    script = tmp_path / "poison.py"
+    script.write_text(POISON_SCRIPT)
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "r", max_steps=8, batch_size=2, parallel="ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           "pretrain", "--config", str(recipe), "--set", "checkpoint.every=6"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZHLLM_FAIL")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    # Both ranks stop at the same save with the same one-line error, neither with a traceback of its own.
+    assert out.count("zhllm: error: step 6: the weights are not finite") == 2, out[-3000:]
+    # torchrun prints its own traceback when workers fail; none may come from zhllm's code.
+    assert "UnboundLocalError" not in out and "zhllm/train/" not in out, out[-3000:]
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", out)  # torchrun's report of each failed worker
+    assert codes and set(codes) == {"2"}, out[-3000:]  # the CLI's error exit, not a crash or a kill
+    _assert_no_checkpoint_after_blow_up(tmp_path / "r")

@@ -139,6 +139,29 @@ def test_nonfinite_in_a_row_stops_without_checkpoint(tmp_path):
     assert checkpoint_dirs(tmp_path / "run" / "checkpoints") == []
 
 
+class PoisonAt(CausalLM):
+    """Fills one weight with inf before the given loss call, as a blown-up optimizer step would."""
+    def __init__(self, call):
+        self.call, self.n = call, 0
+
+    def loss(self, model, batch):
+        self.n += 1
+        if self.n == self.call:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))
+        return super().loss(model, batch)
+
+
+def test_nonfinite_weights_raise_at_the_save_and_write_nothing(tmp_path):
+    tr = make_trainer(tmp_path, PoisonAt(5), max_steps=6, max_nonfinite=5)
+    tr.cfg.eval.every = 0
+    with pytest.raises(NonFiniteError, match="step 6: the weights are not finite"):
+        tr.fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [s for s, _ in checkpoint_dirs(ckpts)] == [3]  # the one before the blow-up, nothing after
+    assert not list(ckpts.glob(".step_*"))
+
+
 class SignalAt(CausalLM):
     def __init__(self, call):
         self.call, self.n = call, 0

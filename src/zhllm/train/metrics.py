@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..fsutil import atomic_write_text
+
 # Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, by a substring of the device name.
 GPU_PEAK_BF16 = {"H100": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, "A800": 312e12,
                  "L40S": 362e12, "L40": 181e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "A10": 125e12,
@@ -98,10 +100,15 @@ def format_eta(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Rank 0 only: appends records to metrics.jsonl, mirrors scalars to TensorBoard, prints lines."""
+    """Rank 0 only: appends records to metrics.jsonl, mirrors scalars to TensorBoard, prints lines.
 
-    def __init__(self, run_dir: Path, tensorboard: bool, echo=print):
+    start_step: the step the run starts from (the resumed checkpoint's, 0 for a fresh run). Records after it
+    were written by a run that died before its next checkpoint; those steps are about to be redone, so they
+    are dropped instead of appearing twice."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, echo=print, start_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
+        _drop_records_after(self.path, start_step)
         self.echo = echo
         self.tb = None
         if tensorboard:
@@ -130,6 +137,20 @@ class MetricsLogger:
         self._fh.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # cut short by a crash: the next record would be glued onto it
+        if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 def train_line(r: dict) -> str:
