@@ -1,11 +1,13 @@
 """Typed configs: dataclasses filled from YAML files and `--set a.b=c` overrides.
 
-Unknown keys, wrong types and missing files are `ConfigError`s naming the key and the file, so a typo in
-a recipe fails at start-up instead of silently training with a default.
+Unknown keys, wrong types, non-finite numbers, values out of a field's range (declared with `checked`)
+and missing files are `ConfigError`s naming the key and the file, so a typo in a recipe fails at start-up
+instead of silently training with a default or crashing mid-run.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -18,6 +20,52 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+CHECK = "zhllm_check"  # dataclass field metadata key read by from_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """Allowed values of a numeric or string field (of each item, for a list field)."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    nonblank: bool = False  # strings: an empty path would silently mean the working directory
+
+    def problem(self, value) -> str | None:
+        """What is wrong with `value`, as the end of "'key' must ...", or None when it is allowed."""
+        if isinstance(value, str):
+            return "not be empty" if self.nonblank and not value.strip() else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        return None if ok else f"be {self.describe()}"
+
+    def describe(self) -> str:
+        lo = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        hi = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return f"{'>=' if self.ge is not None else '>'} {lo[1:]}"
+        return f"{'<=' if self.le is not None else '<'} {hi[:-1]}" if hi else "valid"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def checked(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+            ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+            nonblank: bool = False) -> Any:
+    """A dataclass field whose configured value `from_dict` checks: `lr: float = checked(3e-4, gt=0)`.
+
+    None (for Optional fields) is always allowed; for list fields every item is checked."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={CHECK: Check(ge=ge, gt=gt, le=le, lt=lt, nonblank=nonblank)})
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -103,10 +151,22 @@ def from_dict(cls: type[T], data: dict | None, source: str = "<config>", prefix:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
+        _check(fields[name], kwargs[name], source, f"{prefix}{name}")
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _check(f: dataclasses.Field, value, source: str, key: str) -> None:
+    check = f.metadata.get(CHECK)
+    if check is None or value is None:
+        return
+    for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+        problem = check.problem(item)
+        if problem:
+            where = key if i is None else f"{key}[{i}]"
+            raise ConfigError(f"{source}: '{where}' must {problem}, got {item!r}")
 
 
 def to_dict(obj) -> dict:
@@ -158,18 +218,24 @@ def _coerce(tp, value, source: str, key: str):
             return value
         raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
         return int(value)
     if tp is float:
         if isinstance(value, str):
             try:  # YAML reads "3e-4" as a string; accept it as the number users mean
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
-        return float(value)
+        if isinstance(value, float) and not math.isfinite(value):  # no setting of a config means "infinite" or "not a number"
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{source}: '{key}' = {value} is too large") from None
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")

@@ -9,62 +9,62 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ..config import PACKAGE_CONFIGS, load_config
+from ..config import PACKAGE_CONFIGS, checked, load_config
 from ..errors import ConfigError
 
 
 @dataclass
 class DataSection:
-    path: list[str] = field(default_factory=list)  # one or more shard directories
-    weights: Optional[list[float]] = None          # mixing weights, one per path
+    path: list[str] = checked(default_factory=list, nonblank=True)  # one or more shard directories
+    weights: Optional[list[float]] = checked(None, ge=0)           # mixing weights, one per path
 
 
 @dataclass
 class TrainSection:
-    max_steps: Optional[int] = None
-    max_tokens: Optional[int] = None   # used when max_steps is not set
-    batch_size: int = 4                # micro-batch per process
-    grad_accum: int = 1
-    seq_len: int = 512
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    max_steps: Optional[int] = checked(None, ge=1)
+    max_tokens: Optional[int] = checked(None, ge=1)   # used when max_steps is not set
+    batch_size: int = checked(4, ge=1)                # micro-batch per process
+    grad_accum: int = checked(1, ge=1)
+    seq_len: int = checked(512, ge=2)                 # a row predicts seq_len - 1 next tokens
+    lr: float = checked(3e-4, gt=0)
+    min_lr_ratio: float = checked(0.1, ge=0, le=1)
+    warmup_steps: int = checked(100, ge=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_fraction: float = 0.2        # WSD: share of the steps spent decaying at the end
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0             # 0 disables clipping
+    decay_fraction: float = checked(0.2, gt=0, le=1)  # WSD: share of the steps spent decaying at the end
+    weight_decay: float = checked(0.1, ge=0)
+    beta1: float = checked(0.9, ge=0, lt=1)
+    beta2: float = checked(0.95, ge=0, lt=1)
+    grad_clip: float = checked(1.0, ge=0)            # 0 disables clipping
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: see train/precision.py
     bf16_weights: bool = False         # when training in bf16: bf16 model + fp32 masters in the optimizer
-    seed: int = 0
+    seed: int = checked(0, ge=0)
     compile: bool = False
     activation_checkpointing: bool = False
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     ddp_powersgd: bool = False
     zero1: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_nonfinite: int = 5             # consecutive skipped steps before the run stops
-    threads: int = 0                   # torch intra-op threads; 0 = torch's default
+    max_nonfinite: int = checked(5, ge=1)            # consecutive skipped steps before the run stops
+    threads: int = checked(0, ge=0)                  # torch intra-op threads; 0 = torch's default
 
 
 @dataclass
 class EvalSection:
-    every: int = 200                   # 0 disables periodic eval
-    batches: int = 8
+    every: int = checked(200, ge=0)                  # 0 disables periodic eval
+    batches: int = checked(8, ge=1)
     prompts: list[str] = field(default_factory=list)
-    max_new_tokens: int = 32
+    max_new_tokens: int = checked(32, ge=1)
 
 
 @dataclass
 class CheckpointSection:
-    every: int = 500                   # 0 = only at the end (and on SIGTERM)
-    keep: int = 3                      # newest K kept, plus the best by val loss
+    every: int = checked(500, ge=0)                  # 0 = only at the end (and on SIGTERM)
+    keep: int = checked(3, ge=1)                     # newest K kept, plus the best by val loss
 
 
 @dataclass
 class LogSection:
-    every: int = 10
+    every: int = checked(10, ge=1)
     tensorboard: bool = True
     progress: bool = True
     plots: bool = True                 # write plots/*.png at the end of the run
@@ -79,26 +79,23 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
-    out_dir: str = "runs/pretrain"
+    out_dir: str = checked("runs/pretrain", nonblank=True)
 
     def validate(self, source: str) -> "RunConfig":
         t = self.train
         if t.max_steps is None and t.max_tokens is None:
             raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
-        for name in ("batch_size", "grad_accum", "seq_len"):
-            if getattr(t, name) < 1:
-                raise ConfigError(f"{source}: train.{name} must be >= 1")
         if not self.data.path:
             raise ConfigError(f"{source}: data.path must name at least one shard directory")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.path):
             raise ConfigError(f"{source}: data.weights has {len(self.data.weights)} entries "
                               f"for {len(self.data.path)} data.path entries")
+        if self.data.weights is not None and not sum(self.data.weights) > 0:
+            raise ConfigError(f"{source}: 'data.weights' must not all be 0")
         if t.bf16_weights and (t.precision not in ("bf16", "auto") or t.parallel == "fsdp"):
             raise ConfigError(f"{source}: train.bf16_weights needs precision bf16 or auto and parallel none or ddp "
                               "(FSDP has its own MixedPrecisionPolicy)")
         model_fields(self.model, source)  # fail at start-up on a typo in a model field
-        if not 0 < t.decay_fraction <= 1:
-            raise ConfigError(f"{source}: train.decay_fraction must be in (0, 1]")
         return self
 
 
@@ -125,6 +122,8 @@ def model_fields(section: dict, source: str, vocab_size: int | None = None):
     rest = dict(section)
     preset, init_from = rest.pop("preset", None), rest.pop("init_from", None)
     if init_from is not None:
+        if not str(init_from).strip():
+            raise ConfigError(f"{source}: 'model.init_from' must not be empty")
         if preset is not None or rest:
             extra = "preset" if preset is not None else next(iter(rest))
             raise ConfigError(f"{source}: model.init_from takes the shape from the checkpoint; remove model.{extra}")

@@ -24,7 +24,7 @@ def open_token_data(cfg: RunConfig):
     t, paths = cfg.train, [str(p) for p in cfg.data.path]
     for p in paths:
         if not Path(p).is_dir():
-            raise ZhllmError(f"data.path {p}: no such shard directory (make one with `zhllm data shards`)")
+            raise ZhllmError(f"data.path {p}: no such shard directory (make one with `zhllm data tokenize`)")
     train = PackedTokenDataset(paths, t.seq_len, split="train", weights=cfg.data.weights, seed=t.seed, shuffle=True)
     try:
         val = PackedTokenDataset(paths, t.seq_len, split="val", weights=cfg.data.weights, seed=t.seed, shuffle=False)

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import torch
 import yaml
 
-from ..config import load_config, to_dict
+from ..config import checked, load_config, to_dict
 from ..errors import ConfigError, ZhllmError
 from ..fsutil import atomic_write_text
 from . import parallel as par
@@ -28,11 +28,11 @@ ADAPTER_DIR = "adapter"
 
 @dataclass
 class SftDataSection:
-    path: list[str] = field(default_factory=list)  # chat files, directories or globs; or one SFT shard dir
+    path: list[str] = checked(default_factory=list, nonblank=True)  # chat files, dirs or globs; or one SFT shard dir
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_response"] = "auto"
-    max_len: Optional[int] = None     # longest conversation in tokens; default train.seq_len
+    max_len: Optional[int] = checked(None, ge=2)  # longest conversation in tokens; default train.seq_len
     packing: bool = True              # several conversations per row, no attention across them
-    val_fraction: float = 0.02        # a seeded random subset of conversations; shards: 0 or their own
+    val_fraction: float = checked(0.02, ge=0, lt=1)  # a seeded random subset of conversations; shards: 0 or their own
     overflow: Literal["truncate", "skip"] = "truncate"  # too long: drop whole earliest turns, or skip
     strict: bool = False
 
@@ -40,9 +40,9 @@ class SftDataSection:
 @dataclass
 class LoraSection:
     enabled: bool = False
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.05
+    r: int = checked(16, ge=1)
+    alpha: float = checked(32, gt=0)
+    dropout: float = checked(0.05, ge=0, lt=1)
     target: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     rslora: bool = False
     qlora: bool = False               # 4-bit base (bitsandbytes, CUDA only)
@@ -51,7 +51,7 @@ class LoraSection:
 @dataclass
 class FreezeSection:
     embeddings: bool = False
-    first_layers: int = 0
+    first_layers: int = checked(0, ge=0)
 
 
 @dataclass
@@ -64,19 +64,20 @@ class SftConfig:
     log: LogSection = field(default_factory=LogSection)
     lora: LoraSection = field(default_factory=LoraSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
-    neftune_alpha: float = 0.0        # 0 = off; 5 is the NEFTune paper's usual value
-    out_dir: str = "runs/sft"
+    neftune_alpha: float = checked(0.0, ge=0)  # 0 = off; 5 is the NEFTune paper's usual value
+    out_dir: str = checked("runs/sft", nonblank=True)
 
     def validate(self, source: str) -> "SftConfig":
         if set(self.model) != {"init_from"}:
             raise ConfigError(f"{source}: the sft model section takes exactly `init_from: DIR` "
                               f"(got keys {sorted(self.model) or 'none'})")
+        if not isinstance(self.model["init_from"], str) or not self.model["init_from"].strip():
+            raise ConfigError(f"{source}: 'model.init_from' must name a model directory, "
+                              f"got {self.model['init_from']!r}")
         if not self.data.path:
             raise ConfigError(f"{source}: data.path must name chat files or an SFT shard directory")
         if self.train.max_steps is None and self.train.max_tokens is None:
             raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
-        if not 0 <= self.data.val_fraction < 1:
-            raise ConfigError(f"{source}: data.val_fraction must be in [0, 1)")
         if self.lora.qlora and not self.lora.enabled:
             raise ConfigError(f"{source}: lora.qlora needs lora.enabled: true")
         if self.lora.enabled and self.train.bf16_weights:
@@ -187,6 +188,8 @@ def run_sft(config: str | Path, overrides: list[str] | None = None, resume: str 
                          "or choose another out_dir")
     from ..pointers import resolve_model_dir
     init_from = str(resolve_model_dir(cfg.model["init_from"]))  # checkpoints/latest: the step it names now
+    if not Path(init_from).is_dir():  # before the tokenizer: its "not found" would blame the wrong thing
+        raise ConfigError(f"{source}: model.init_from {init_from}: no such model directory")
     tokenizer = load_tokenizer(init_from)
     d = par.init_distributed(t.device)
     try:
