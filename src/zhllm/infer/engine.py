@@ -100,6 +100,8 @@ class Engine:
         self.stop_ids = list(stop_ids) if stop_ids is not None else stop_ids_for(tokenizer) if tokenizer else []
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         self._fused = FusedDecoderCache(quantize) if can_fuse(self.module) else None
+        # inference_mode is the cheaper of the two, but FSDP cannot unshard parameters under it.
+        self._no_grad = torch.inference_mode if self._fused is not None else torch.no_grad
         if quantize != "none" and self._fused is None:
             raise ZhllmError(f"{quantize} decoding needs a plain zhllm model; this one is "
                              f"{type(self.module).__name__} with LoRA or sharded weights (merge the adapter first)")
@@ -209,7 +211,7 @@ class Engine:
             targets += c
         if not targets:
             return [ScoreResult(0.0, []) for _ in pairs]
-        with self._lock, torch.inference_mode():
+        with self._lock, self._no_grad():
             logits = sequence_logits(self.module, ids.to(self.device), torch.tensor(rows, device=self.device),
                                      torch.tensor(cols, device=self.device))
             logprobs = logits.float().log_softmax(-1).gather(1, torch.tensor(targets, device=self.device)[:, None])
@@ -227,7 +229,7 @@ class Engine:
         """Yield, per step, the new token (and its log-prob) of every row, finished rows included. The caller
         marks rows done in `finished`; decoding ends when all are, after max_new_tokens, or at the context end.
 
-        The lock and inference_mode are held per block, never across a yield: the caller's code between
+        The lock and no-grad mode are held per block, never across a yield: the caller's code between
         steps (a trainer, a web server, another call) must find neither.
         """
         lens = [len(p) for p in prompts]
@@ -237,7 +239,7 @@ class Engine:
                              "(it must leave room for at least one new token)")
         max_new = min(params.max_new_tokens, self.max_seq_len - longest)
         padded = any(n != longest for n in lens)
-        with self._lock, torch.inference_mode():
+        with self._lock, self._no_grad():
             ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
             key_mask = torch.zeros(len(prompts), longest + max_new, dtype=torch.bool) if padded else None
             for i, p in enumerate(prompts):
@@ -262,14 +264,14 @@ class Engine:
             else:
                 generator.seed()
         for step in range(max_new):
-            with self._lock, torch.inference_mode():
+            with self._lock, self._no_grad():
                 tokens, logprobs = sample_next(logits, params, seen, generator, with_logprobs)
                 token_list = tokens.tolist()
                 logprob_list = logprobs.tolist() if logprobs is not None else None
             yield token_list, logprob_list
             if all(finished) or step == max_new - 1:
                 return
-            with self._lock, torch.inference_mode():
+            with self._lock, self._no_grad():
                 if seen is not None:
                     seen.scatter_(1, tokens[:, None], True)
                 logits = session.step(tokens)
