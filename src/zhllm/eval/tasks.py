@@ -50,11 +50,10 @@ class Task:
 
 def generate_answers(model, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int,
                      stop_strings: Sequence[str] = ()) -> list[str]:
-    """Greedy answers, one per prompt. The one place evaluation calls the decoder (switch to the inference
-    engine's `Engine.generate_batch` here when it lands)."""
-    from ..infer.generate import generate_batch
-    return generate_batch(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=0.0,
-                          stop_strings=tuple(stop_strings))
+    """Greedy answers, one per prompt. The one place evaluation calls the decoder."""
+    from ..infer.engine import Engine
+    return Engine(model, tokenizer).generate_batch(list(prompts), max_new_tokens=max_new_tokens, temperature=0.0,
+                                                   stop_strings=tuple(stop_strings)).texts
 
 
 @torch.no_grad()
