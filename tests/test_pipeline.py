@@ -1,6 +1,7 @@
 """`zhllm pipeline` end to end on the built-in demo with a tiny override: every stage, caching, resume."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,8 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     # touching the SFT config re-runs only SFT and what follows
     logs.clear()
     run_pipeline(DEMO, overrides(run, "sft.recipe.train.lr=5e-4"), log=logs.append)
-    ran = [line.split("]")[0][1:] for line in logs if line.endswith("running")]
+    progress = (re.match(r"\[stage \d/8 (\w+)\] running \(elapsed \d+m\d\ds\)$", line) for line in logs)
+    ran = [m.group(1) for m in progress if m]
     assert ran == ["sft", "eval", "report"]
 
 
@@ -91,7 +93,7 @@ def test_killed_pipeline_resumes_pretraining(tmp_path):
     env.pop("ZHLLM_FAIL_AT_STEP")
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "[pretrain] resuming" in done.stdout
+    assert "[stage 5/5 pretrain] resuming" in done.stdout
     assert "resumed from" in done.stdout + done.stderr
     steps = [json.loads(line)["step"] for line in (run / "pretrain" / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("kind") == "train"]

@@ -54,3 +54,16 @@ def test_interrupted_stage_keeps_its_directory_for_resume(tmp_path):
     fresh = []
     r.run("train2", {"lr": 2}, [], lambda d: fresh.append((d / "checkpoint").exists()) or {})
     assert fresh == [False]
+
+
+def test_runner_removes_only_stage_directories_it_made_and_logs_progress(tmp_path):
+    from zhllm.errors import ZhllmError
+    logs = []
+    r = StageRunner(tmp_path, log=logs.append, plan=["a", "b"])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "thesis.txt").write_text("the user's")
+    r.run("a", {}, [], lambda d: {})
+    assert logs[0] == "[stage 1/2 a] running (elapsed 0m00s)" and logs[1].startswith("[stage 1/2 a] done in ")
+    with pytest.raises(ZhllmError, match="not made by `zhllm pipeline`"):
+        r.run("b", {}, [], lambda d: {})
+    assert (tmp_path / "b" / "thesis.txt").read_text() == "the user's"

@@ -3,7 +3,8 @@
 A stage's fingerprint hashes its own config and the fingerprints of what it reads (upstream stages or input
 files), so a changed config or input re-runs that stage and everything after it, and nothing else.
 A stage that was interrupted keeps its directory when re-run with the same fingerprint (so `pretrain` resumes
-from its last checkpoint); a stage whose fingerprint changed starts from an empty directory.
+from its last checkpoint); a stage whose fingerprint changed starts from an empty directory. The runner only
+ever deletes a stage directory it made (one holding its STARTED_FILE): anything else there is refused.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ZhllmError
 from .fsutil import atomic_write_text
 
 DONE_FILE = "stage.json"
@@ -40,12 +42,25 @@ class StageOutcome:
     summary: dict
 
 
+def format_elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m{secs:02d}s" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
 class StageRunner:
-    def __init__(self, run_dir: str | Path, force: bool = False, log: Callable[[str], None] = print):
+    def __init__(self, run_dir: str | Path, force: bool = False, log: Callable[[str], None] = print,
+                 plan: list[str] | None = None):
+        """`plan`: the names of the stages this run will go through, for `[stage k/n name]` log lines."""
         self.run_dir = Path(run_dir)
         self.force = force
         self.log = log
+        self.plan = plan or []
+        self.started = time.time()
         self.outcomes: list[StageOutcome] = []
+
+    def _say(self, name: str, text: str) -> None:
+        label = f"stage {self.plan.index(name) + 1}/{len(self.plan)} {name}" if name in self.plan else name
+        self.log(f"[{label}] {text} (elapsed {format_elapsed(time.time() - self.started)})")
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name
@@ -58,23 +73,26 @@ class StageRunner:
         if not self.force and done.is_file():
             record = json.loads(done.read_text(encoding="utf-8"))
             if record.get("fingerprint") == fp:
-                self.log(f"[{name}] up to date, skipped")
+                self._say(name, "up to date, skipped")
                 outcome = StageOutcome(name, fp, True, record.get("seconds", 0.0), record.get("summary", {}))
                 self.outcomes.append(outcome)
                 return outcome
         started = d / STARTED_FILE
         resuming = not self.force and started.is_file() and started.read_text().strip() == fp
         if not resuming and d.exists():
+            if not started.is_file() and (not d.is_dir() or any(d.iterdir())):
+                raise ZhllmError(f"{d} exists and was not made by `zhllm pipeline` (no {STARTED_FILE} in it); "
+                                 "move it away or choose another out_dir")
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_text(started, fp)
-        self.log(f"[{name}] {'resuming' if resuming else 'running'}")
+        self._say(name, "resuming" if resuming else "running")
         t0 = time.time()
         summary = fn(d) or {}
         seconds = time.time() - t0
         atomic_write_text(done, json.dumps({"fingerprint": fp, "seconds": seconds, "summary": summary},
                                            indent=2, ensure_ascii=False, default=str))
-        self.log(f"[{name}] done in {seconds:.1f}s")
+        self._say(name, f"done in {seconds:.1f}s")
         outcome = StageOutcome(name, fp, False, seconds, summary)
         self.outcomes.append(outcome)
         return outcome

@@ -27,6 +27,13 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", dest="no_progress", action="store_true", help=argparse.SUPPRESS)
 
 
+def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
+    """--overwrite, the same on every command that writes a directory (the policy is in zhllm/outputs.py)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output directory written by another zhllm command (a directory zhllm did "
+                        "not write is never replaced)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="zhllm", description="Train small Chinese language models end to end.")
     root.add_argument("--version", action="version", version=f"zhllm {_version()}")

@@ -1,5 +1,6 @@
 """`zhllm pipeline`: parsing only; the stage graph lives in zhllm.pipeline."""
 from ..pipeline import STAGE_ORDER
+from . import add_overwrite_flag
 
 
 def register(root, groups) -> None:
@@ -13,10 +14,11 @@ def register(root, groups) -> None:
                    help="override a config value, e.g. --set pretrain.train.max_steps=50 (repeatable)")
     p.add_argument("--force", action="store_true", help="re-run every stage even if cached")
     p.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
+    add_overwrite_flag(p)
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     from ..pipeline import run_pipeline
-    run_pipeline(args.config, args.overrides, force=args.force, until=args.until)
+    run_pipeline(args.config, args.overrides, force=args.force, until=args.until, overwrite=args.overwrite)
     return 0
