@@ -37,7 +37,6 @@ TINY = [
     "sft.recipe.log.tensorboard=false",
     "eval.tasks=4",
     "eval.max_new_tokens=8",
-    "eval.val_batches=2",
 ]
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -62,7 +61,15 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     assert set(ev) == {"pretrain", "sft"}
     for m in ev.values():
         assert 0 < m["val_bpb"] < 20 and 0.0 <= m["task_accuracy"] <= 1.0 and m["tasks"] == 4
+    # the eval table's pretrain row re-measures training's last periodic eval: same checkpoint, same windows
+    # (training ran it in bf16 or fp32, the eval stage in fp32)
+    from zhllm.train.metrics import read_metrics
+    trained = [r for r in read_metrics(results["pretrain"]["run_dir"]) if r.get("kind") == "eval"][-1]
+    assert trained["step"] == results["pretrain"]["step"]
+    assert ev["pretrain"]["val_windows"] == trained["val_windows"]
+    assert abs(ev["pretrain"]["val_loss"] - trained["val_loss"]) < 0.02
     report = (run / "report.md").read_text()
+    assert "The pretrain row re-measures the training section's last val loss" in report
     for needle in ("## What ran", "## Evaluation", "| pretrain |", "| sft |", "zhllm chat", ".png"):
         assert needle in report
     for png in Path(results["pretrain"]["run_dir"]).glob("plots/*.png"):

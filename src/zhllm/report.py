@@ -25,6 +25,43 @@ def _model_line(checkpoint: str) -> str:
             f"{c.n_heads} heads / {c.n_kv_heads} KV heads, FFN {c.ffn_dim}, vocab {c.vocab_size})")
 
 
+def _last_eval(summary: dict) -> dict | None:
+    """The training run's last periodic eval (step, val_loss, val_windows) and the precision it ran in."""
+    from .errors import ZhllmError
+    from .train.metrics import read_metrics
+    from .train.state import load_trainer_state
+    try:
+        evals = [r for r in read_metrics(summary["run_dir"]) if r.get("kind") == "eval" and "val_loss" in r]
+        precision = load_trainer_state(Path(summary["checkpoint"])).precision
+    except (ZhllmError, OSError, KeyError, ValueError):
+        return None
+    return {**evals[-1], "precision": precision or "?"} if evals else None
+
+
+def _eval_notes(ev: dict, results: dict) -> list[str]:
+    """What the Evaluation table measures, and why its figures differ from the training section's."""
+    pre, sft = ev.get("pretrain", {}), ev.get("sft")
+    notes = [f"Validation loss on the first {pre.get('val_windows', '?')} windows of the pretraining text's "
+             f"{pre.get('val_split', 'val')} split, every model loaded in fp32 from its "
+             "checkpoint; bits per byte = loss / ln 2 / (UTF-8 bytes per token of that split). Task accuracy = "
+             "exact match of greedy answers on held-out demo tasks."]
+    trained = _last_eval(results["pretrain"]) if "pretrain" in results else None
+    if trained and pre:
+        if trained.get("val_windows") == pre.get("val_windows") and trained["step"] == results["pretrain"].get("step"):
+            notes.append(f"The pretrain row re-measures the training section's last val loss (same checkpoint, same "
+                         f"windows): {_fmt(pre['val_loss'])} here in fp32 against {_fmt(trained['val_loss'])} "
+                         f"during training in {trained['precision']}.")
+        else:
+            notes.append(f"The pretrain row is not the training section's val loss: training's last eval covered "
+                         f"{trained.get('val_windows', 'other')} windows at step {trained['step']}, this one "
+                         f"{pre.get('val_windows')} windows of the final checkpoint (eval.val_batches).")
+    if sft and pre and sft["val_bpb"] > pre["val_bpb"]:
+        notes.append(f"The SFT model's bits per byte on this text rises from {_fmt(pre['val_bpb'])} to "
+                     f"{_fmt(sft['val_bpb'])}: fine-tuning on chat-formatted conversations alone moves it away from "
+                     "plain pretraining text; what SFT gains shows in task accuracy and its own val loss above.")
+    return notes
+
+
 def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
     from .train.metrics import plot_run
     lines = [f"# zhllm pipeline report: {cfg.name}", ""]
@@ -57,8 +94,14 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
         if not r:
             continue
         lines += [f"### {stage}", "", f"- model: {_model_line(r['checkpoint'])}",
-                  f"- steps {r.get('step')}, tokens seen {r.get('tokens_seen')}, final val loss {_fmt(r.get('val_loss'))}, "
-                  f"{r.get('seconds', 0):.0f} s", f"- checkpoint: `{_rel(r['checkpoint'], run_dir)}`", ""]
+                  f"- steps {r.get('step')}, tokens seen {r.get('tokens_seen')}, {r.get('seconds', 0):.0f} s"]
+        last = _last_eval(r)
+        if last:
+            what = ("the assistant replies of held-out conversations, not the text of the Evaluation table"
+                    if stage == "sft" else f"the first {last.get('val_windows', '?')} windows of the val split")
+            lines.append(f"- last periodic val loss {_fmt(last['val_loss'])} at step {last['step']} "
+                         f"(in {last['precision']}, on {what})")
+        lines += [f"- checkpoint: `{_rel(r['checkpoint'], run_dir)}`", ""]
         try:
             for png in plot_run(r["run_dir"]):
                 lines.append(f"![{stage} {png.stem}]({_rel(png, run_dir)})")
@@ -68,8 +111,7 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
 
     ev = results.get("eval")
     if ev:
-        lines += ["## Evaluation", "", "Validation loss on held-out shards; bits per byte = loss / ln 2 / "
-                  "(UTF-8 bytes per token). Task accuracy = exact-match of greedy answers on held-out demo tasks.", "",
+        lines += ["## Evaluation", "", *_eval_notes(ev, results), "",
                   "| model | val loss | perplexity | bits/byte | task accuracy |", "|---|---:|---:|---:|---:|"]
         for stage, m in ev.items():
             lines.append(f"| {stage} | {_fmt(m['val_loss'])} | {_fmt(m['val_ppl'], 2)} | {_fmt(m['val_bpb'])} | "
