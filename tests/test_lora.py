@@ -151,8 +151,9 @@ def test_lora_merge_cli(tmp_path, tiny_model_dir, capsys):
     x = ids(B=1, T=8)
     with torch.no_grad():
         assert torch.allclose(load_model(out)(x), model.eval()(x), atol=1e-4)
-    assert main(["lora", "merge", "--base", str(tiny_model_dir), "--adapter", str(tmp_path), "--out",
-                 str(tmp_path / "x")]) == 2
+    (tmp_path / "not_adapter").mkdir()
+    assert main(["lora", "merge", "--base", str(tiny_model_dir), "--adapter", str(tmp_path / "not_adapter"),
+                 "--out", str(tmp_path / "x")]) == 2
     assert "not a PEFT adapter directory" in capsys.readouterr().err
 
 

@@ -241,7 +241,7 @@ def test_refuses_to_replace_a_directory_that_is_not_shards(tmp_path, tokenizer_d
     (keep / "notes.txt").write_text("precious")
     err = _one_line_error(capsys, ["data", "tokenize-sft", "--tokenizer", str(tokenizer_dir), "--input",
                                    str(chat_file), "--out", str(keep), "--max-len", "64", "--no-progress"])
-    assert "not an SFT shard directory" in err and (keep / "notes.txt").read_text() == "precious"
+    assert "not written by zhllm" in err and (keep / "notes.txt").read_text() == "precious"
 
 
 def test_real_sft_sample_shards_match_the_in_memory_path(tmp_path):

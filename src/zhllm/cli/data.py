@@ -5,7 +5,7 @@ import argparse
 import os
 
 from ..data.chat import FORMATS
-from . import add_progress_flag
+from . import add_overwrite_flag, add_progress_flag
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def register(root, groups) -> None:
                     "OUT/part-*.jsonl.gz and OUT/report.json and prints a summary table.")
     add_input_arguments(p)
     p.add_argument("--out", "-o", required=True, help="output directory (replaced atomically when done)")
+    add_overwrite_flag(p)
     p.add_argument("--config", default=None, help="YAML file of CleanConfig settings (e.g. configs/clean/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set t2s=true --set quality.min_chars=50 --set dedup.threshold=0.7")
@@ -45,6 +46,7 @@ def register(root, groups) -> None:
                                                       "the model you will fine-tune")
     p.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH", help="SFT files, directories or globs")
     p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
+    add_overwrite_flag(p)
     p.add_argument("--max-len", type=int, required=True,
                    help="token limit per conversation; use the train.seq_len of your SFT recipe (or less)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="record format (default: detect per record)")
@@ -66,7 +68,8 @@ def _clean(args) -> None:
     cfg = load_clean_config(args.config, args.overrides)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     report = clean_corpus(args.input, args.out, cfg, field=args.field, strict=args.strict,
-                          txt_mode=args.txt_mode, workers=workers, progress=not args.no_progress)
+                          txt_mode=args.txt_mode, workers=workers, progress=not args.no_progress,
+                          overwrite=args.overwrite)
     print(format_clean_report(report))
 
 
@@ -74,5 +77,5 @@ def _tokenize_sft(a) -> None:
     from ..data.sft_shards import tokenize_sft
     report = tokenize_sft(a.input, a.tokenizer, a.out, max_len=a.max_len, fmt=a.format, overflow=a.overflow,
                           val_fraction=a.val_fraction, seed=a.seed, strict=a.strict, workers=a.workers,
-                          progress=not a.no_progress)
+                          progress=not a.no_progress, overwrite=a.overwrite)
     print(report.table())

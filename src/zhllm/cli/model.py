@@ -1,4 +1,5 @@
 """`zhllm model init|info|resize`: parsers only; the work is in zhllm.model.init (see cli/__init__.py)."""
+from . import add_overwrite_flag
 
 
 def register(root, groups) -> None:
@@ -15,7 +16,8 @@ def register(root, groups) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set n_layers=4 (repeatable)")
     p.add_argument("--tokenizer", required=True, metavar="TOKDIR", help="tokenizer directory to copy in")
-    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (must not exist)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (new or empty)")
+    add_overwrite_flag(p)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     p.set_defaults(func=lambda a: _init(a))
 
@@ -35,12 +37,13 @@ def register(root, groups) -> None:
     p.add_argument("--old-tokenizer", metavar="TOKDIR", help="the tokenizer the model was trained with "
                    "(default: the one inside DIR)")
     p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
+    add_overwrite_flag(p)
     p.set_defaults(func=lambda a: print(_resize(a)))
 
 
 def _resize(a):
     from ..model.resize import resize_embeddings
-    return resize_embeddings(a.dir, a.tokenizer, a.out, old_tokenizer_dir=a.old_tokenizer)
+    return resize_embeddings(a.dir, a.tokenizer, a.out, old_tokenizer_dir=a.old_tokenizer, overwrite=a.overwrite)
 
 
 def _model_init():
@@ -49,4 +52,5 @@ def _model_init():
 
 
 def _init(a) -> None:
-    _model_init().init_model(a.out, a.tokenizer, preset=a.preset, config_file=a.config, sets=a.set, seed=a.seed)
+    _model_init().init_model(a.out, a.tokenizer, preset=a.preset, config_file=a.config, sets=a.set, seed=a.seed,
+                             overwrite=a.overwrite)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..data.chat import FORMATS
+from . import add_overwrite_flag
 
 
 def _preview(args) -> None:
@@ -14,7 +15,7 @@ def _preview(args) -> None:
 def _merge(args) -> None:
     from ..train.lora import merge_lora
 
-    print(merge_lora(args.base, args.adapter, args.out))
+    print(merge_lora(args.base, args.adapter, args.out, overwrite=args.overwrite))
 
 
 def _sft(args) -> None:
@@ -62,4 +63,5 @@ def register(root, groups) -> None:
     m.add_argument("--base", required=True, help="base model directory (zhllm or HF Llama/Qwen2)")
     m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--out", required=True, help="output checkpoint directory")
+    add_overwrite_flag(m)
     m.set_defaults(func=_merge)

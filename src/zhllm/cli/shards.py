@@ -1,7 +1,7 @@
 """Parsers for `zhllm data tokenize` and `zhllm data inspect`; see cli/__init__.py."""
 from __future__ import annotations
 
-from . import add_progress_flag
+from . import add_overwrite_flag, add_progress_flag
 
 
 def register(root, groups) -> None:
@@ -12,6 +12,7 @@ def register(root, groups) -> None:
     p.add_argument("--input", "-i", nargs="+", required=True, help="files, directories or globs")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (HF format)")
     p.add_argument("--out", "-o", required=True, help="output shard directory")
+    add_overwrite_flag(p)
     p.add_argument("--field", default=None, help="text field of json/jsonl/parquet/csv records (default: text, ...)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of documents in the val split, chosen by a stable hash of the text")
@@ -36,7 +37,7 @@ def _tokenize(a) -> None:
     report = tokenize_corpus(a.input, a.tokenizer, a.out, field=a.field, val_fraction=a.val_fraction,
                              workers=a.workers, num_shards=a.num_shards, shard_index=a.shard_index,
                              shard_tokens=a.shard_tokens or DEFAULT_SHARD_TOKENS, strict=a.strict,
-                             progress=not a.no_progress)
+                             progress=not a.no_progress, overwrite=a.overwrite)
     print(report.table())
 
 

@@ -1,7 +1,7 @@
 """Parsers for `zhllm tokenizer train|extend|eval`; see cli/__init__.py."""
 from __future__ import annotations
 
-from . import add_progress_flag
+from . import add_overwrite_flag, add_progress_flag
 
 
 def _input_args(p) -> None:
@@ -22,6 +22,7 @@ def register(root, groups) -> None:
     _input_args(p)
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including special tokens")
     p.add_argument("--out", required=True, help="output tokenizer directory")
+    add_overwrite_flag(p)
     p.add_argument("--max-chars", type=int, default=10_000_000,
                    help="characters sampled for training, spread over the whole input; bounds memory: the bpe "
                         "backend needs about 0.25 GB of RAM per million Chinese characters (default 10M)")
@@ -32,7 +33,8 @@ def register(root, groups) -> None:
                    help="reserved special-token slots after <|endoftext|>, <|im_start|>, <|im_end|> (default 13)")
     add_progress_flag(p)
     p.set_defaults(func=lambda a: train_command(a.input, a.out, a.vocab_size, a.max_chars, a.field, a.backend,
-                                                a.num_reserved, a.seed, a.strict, progress=not a.no_progress))
+                                                a.num_reserved, a.seed, a.strict, progress=not a.no_progress,
+                                                overwrite=a.overwrite))
 
     p = sub.add_parser("extend", help="add vocabulary learnt on a corpus to an existing tokenizer",
                        description="Learn up to --add new BPE merges on the corpus and append them to the base "
@@ -46,9 +48,11 @@ def register(root, groups) -> None:
                    help="characters sampled to learn the new tokens (default 5M)")
     p.add_argument("--model", default=None, help="checkpoint using the base tokenizer, to resize")
     p.add_argument("--model-out", default=None, help="where to write the resized checkpoint")
+    add_overwrite_flag(p)
     add_progress_flag(p)
     p.set_defaults(func=lambda a: extend_command(a.base, a.input, a.add, a.out, a.max_chars, a.field, a.seed,
-                                                 a.strict, a.model, a.model_out, progress=not a.no_progress))
+                                                 a.strict, a.model, a.model_out, progress=not a.no_progress,
+                                                 overwrite=a.overwrite))
 
     p = sub.add_parser("eval", help="chars/token, bytes/token and byte-fallback rate on held-out text",
                        description="Encode the same documents with each tokenizer and print a markdown table. "

@@ -43,6 +43,7 @@ from .shards import META_FILE, TOKENIZER_SUBDIR, token_dtype, tokenizer_fingerpr
 
 FORMAT = "zhllm-sft-shards"
 VERSION = 1
+SFT_COMMAND = "data tokenize-sft"
 SPLITS = ("train", "val")
 UNIT_RECORDS = 64  # records per work unit: fixed (never derived from --workers) so the output is too
 COPY_EXAMPLES = 1024  # conversations per chunk when splitting the encoded stream into train/val
@@ -118,7 +119,8 @@ class SFTShardReport:
 
 def tokenize_sft(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, *, max_len: int,
                  fmt: str = "auto", overflow: str = "truncate", val_fraction: float = 0.0, seed: int = 0,
-                 strict: bool = False, workers: int | None = None, progress: bool = True) -> SFTShardReport:
+                 strict: bool = False, workers: int | None = None, progress: bool = True,
+                 overwrite: bool = False) -> SFTShardReport:
     """Encode chat files into an SFT shard directory (see the module docstring); returns what was done.
 
     `max_len` must be <= the train.seq_len the shards will be trained with; `val_fraction` and `seed` pick the
@@ -131,15 +133,15 @@ def tokenize_sft(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pa
     workers = workers or os.cpu_count() or 1
     _check_args(fmt, max_len, overflow, val_fraction, workers)
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
     files = expand_inputs(inputs)
+    _check_out_dir(out_dir, [*inputs, *files, tokenizer_dir], overwrite)
     tokenizer_dir = resolve_model_dir(tokenizer_dir)  # checkpoints/latest: record and copy the step it names
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     options = {"fmt": fmt, "max_len": max_len, "overflow": overflow, "strict": strict}
     stats, read_stats = SFTStats(), ReadStats()
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker=SFT_COMMAND) as tmp:
         records = iter_records(files, strict=strict, stats=read_stats)
         lengths = _encode_all(tmp, records, tokenizer, options, dtype, workers, stats, progress)
         if not len(lengths):
@@ -176,13 +178,18 @@ def _check_args(fmt: str, max_len: int, overflow: str, val_fraction: float, work
         raise ZhllmError(f"--workers must be at least 1, got {workers}")
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to replace a directory that is not SFT shards: atomic_directory would delete it."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+def _check_out_dir(out_dir: Path, inputs: list, overwrite: bool) -> None:
+    """The outputs.py policy; SFT shards written before outputs carried a marker count as this command's."""
+    from ..outputs import check_output_dir
+
+    def sft_shards(d: Path) -> bool:
         try:
-            open_sft_shards(out_dir)
+            open_sft_shards(d)
         except ZhllmError:
-            raise ZhllmError(f"{out_dir} exists and is not an SFT shard directory; choose another --out") from None
+            return False
+        return True
+
+    check_output_dir(out_dir, SFT_COMMAND, inputs=inputs, overwrite=overwrite, recognise=sft_shards)
 
 
 def _encode_all(tmp: Path, records: Iterable, tokenizer, options: dict, dtype: np.dtype, workers: int,

@@ -37,6 +37,7 @@ from .shards import (TOKENIZER_SUBDIR, VERSION, ShardWriter, build_meta, open_sh
 
 DEFAULT_SHARD_TOKENS = 2 ** 27  # 128 Mi tokens: 256 MB uint16 files, few enough for any file system
 DEFAULT_UNIT_CHARS = 262_144  # small enough to balance workers, big enough to amortise the hand-off
+TOKENIZE_COMMAND = "data tokenize"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
@@ -140,8 +141,10 @@ class _Job:
 def tokenize_corpus(inputs: list[str], tokenizer: str | Path, out_dir: str | Path, field: str | None = None,
                     val_fraction: float = 0.0, workers: int | None = None, num_shards: int = 1,
                     shard_index: int = 0, shard_tokens: int = DEFAULT_SHARD_TOKENS, strict: bool = False,
-                    unit_chars: int = DEFAULT_UNIT_CHARS, progress: bool = True) -> TokenizeReport:
-    """Tokenise `inputs` into a shard directory (see the module docstring); returns what was done."""
+                    unit_chars: int = DEFAULT_UNIT_CHARS, progress: bool = True,
+                    overwrite: bool = False) -> TokenizeReport:
+    """Tokenise `inputs` into a shard directory (see the module docstring); returns what was done.
+    `out_dir` follows outputs.py; `overwrite` also restarts an output of a different tokenize job."""
     from .readers import ReadStats, expand_inputs, iter_texts
 
     start_time = time.perf_counter()
@@ -156,7 +159,7 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, out_dir: str | Pat
                          "val_fraction": val_fraction, "shard_tokens": shard_tokens, "unit_chars": unit_chars,
                          "num_shards": num_shards, "inputs": [[f.name, f.stat().st_size] for f in files]},
                num_shards, shard_index)
-    _claim_directory(job, Path(tokenizer))
+    _claim_directory(job, Path(tokenizer), [*inputs, *files], overwrite)
 
     report = TokenizeReport(out_dir, f"{shard_index + 1} of {num_shards}")
     if job.part_marker.exists():  # this part finished earlier: only refresh meta.json
@@ -238,21 +241,24 @@ def _configured_eos(path: Path) -> str | None:
     return None
 
 
-def _claim_directory(job: _Job, tokenizer_path: Path) -> None:
+def _claim_directory(job: _Job, tokenizer_path: Path, inputs: list, overwrite: bool) -> None:
     """Create the output (job.json + tokenizer copy), or check that an existing one is the same job."""
+    from ..outputs import claim_output_dir
     out = job.out_dir
     job_file = out / "job.json"
+    # job.json: a tokenize output written before outputs carried a marker
+    claim_output_dir(out, TOKENIZE_COMMAND, inputs=[*inputs, tokenizer_path], overwrite=overwrite,
+                     recognise=lambda d: (d / "job.json").is_file())
     if job_file.exists():
         old = json.loads(job_file.read_text(encoding="utf-8"))
         diff = [k for k in sorted(set(old) | set(job.signature)) if old.get(k) != job.signature.get(k)]
-        if diff:
+        if diff and not overwrite:
             raise ZhllmError(f"{out} holds shards of a different tokenize job (different {', '.join(diff)}); "
-                             "use another --out or delete it")
-    else:
-        if out.exists() and any(p.name not in ("job.json", TOKENIZER_SUBDIR) and not p.name.startswith(".")
-                                for p in out.iterdir()):
-            raise ZhllmError(f"{out} is not empty and is not a tokenize output; use another --out")
-        out.mkdir(parents=True, exist_ok=True)
+                             "pass --overwrite to start it afresh, or use another --out")
+        if diff:
+            shutil.rmtree(out)
+            claim_output_dir(out, TOKENIZE_COMMAND)
+    if not job_file.exists():
         atomic_write_text(job_file, json.dumps(job.signature, indent=2, ensure_ascii=False) + "\n")
     if not (out / TOKENIZER_SUBDIR).is_dir():
         with atomic_directory(out / TOKENIZER_SUBDIR) as tmp:

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 from ..config import apply_overrides
-from ..errors import ConfigError, ZhllmError
+from ..errors import ConfigError
 from .config import ModelConfig, model_config_from
 
 VOCAB_MULTIPLE = 64
+INIT_COMMAND = "model init"
 
 
 def round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -41,17 +42,18 @@ def init_config(preset: str | None, config_file: str | None, sets: list[str] | N
 
 
 def init_model(out_dir: str | Path, tokenizer_dir: str | Path, preset: str | None = None,
-               config_file: str | None = None, sets: list[str] | None = None, seed: int = 0) -> Path:
+               config_file: str | None = None, sets: list[str] | None = None, seed: int = 0,
+               overwrite: bool = False) -> Path:
     """Write a randomly initialised HF-native checkpoint (weights, config, tokenizer) to `out_dir`."""
+    from ..outputs import check_output_dir
     from ..tokenizer.load import load_tokenizer
     from .io import new_model, save_model
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ZhllmError(f"output directory {out} exists and is not empty")
+    check_output_dir(out, INIT_COMMAND, inputs=[tokenizer_dir, config_file], overwrite=overwrite)
     tokenizer = load_tokenizer(tokenizer_dir)
     cfg = init_config(preset, config_file, sets, tokenizer)
-    save_model(new_model(cfg, seed=seed), out, tokenizer=tokenizer_dir)
+    save_model(new_model(cfg, seed=seed), out, tokenizer=tokenizer_dir, command=INIT_COMMAND)
     print(f"wrote {out}: {cfg.arch}, {format_count(cfg.num_params())} parameters, vocab {cfg.vocab_size} "
           f"(tokenizer {len(tokenizer)})")
     return out

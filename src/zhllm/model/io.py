@@ -112,11 +112,12 @@ def new_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu
 
 
 def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra_files: dict[str, bytes] | None = None,
-               dtype: torch.dtype | None = None) -> Path:
+               dtype: torch.dtype | None = None, command: str | None = None) -> Path:
     """Write an HF-native checkpoint directory atomically.
 
     tokenizer: a transformers tokenizer (saved with save_pretrained) or a directory whose tokenizer files
-    are copied. extra_files: name -> bytes written alongside (e.g. trainer state).
+    are copied. extra_files: name -> bytes written alongside (e.g. trainer state). command: the zhllm command
+    whose output this is, recorded in the outputs.MARKER file (callers check the directory first, see outputs.py).
     """
     from safetensors.torch import save_file
 
@@ -127,7 +128,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra_fi
         state.pop("lm_head.weight", None)  # safetensors stores no aliases; transformers re-ties on load
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = str(state["model.embed_tokens.weight"].dtype).replace("torch.", "")
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker=command) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n")
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}

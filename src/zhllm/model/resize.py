@@ -34,10 +34,16 @@ class ResizeReport:
 
 
 def resize_embeddings(model_dir: str | Path, new_tokenizer_dir: str | Path, out_dir: str | Path,
-                      old_tokenizer_dir: str | Path | None = None) -> ResizeReport:
+                      old_tokenizer_dir: str | Path | None = None, overwrite: bool = False,
+                      command: str = "model resize", flag: str = "--out") -> ResizeReport:
     """Load `model_dir`, add rows for the tokens `new_tokenizer_dir` adds to the model's own tokenizer
-    (or `old_tokenizer_dir`), and save the checkpoint with the new tokenizer to `out_dir`."""
+    (or `old_tokenizer_dir`), and save the checkpoint with the new tokenizer to `out_dir`.
+    `command` and `flag` name the caller in the output marker and in errors about `out_dir`."""
+    from ..outputs import check_output_dir
     from ..tokenizer.load import load_tokenizer
+
+    check_output_dir(out_dir, command, inputs=[model_dir, new_tokenizer_dir, old_tokenizer_dir],
+                     overwrite=overwrite, flag=flag)
 
     old_tok = load_tokenizer(old_tokenizer_dir or model_dir)
     new_tok = load_tokenizer(new_tokenizer_dir)
@@ -59,7 +65,7 @@ def resize_embeddings(model_dir: str | Path, new_tokenizer_dir: str | Path, out_
             model.lm_head = nn.Linear(head.shape[1], rows, bias=False, device=head.device, dtype=head.dtype)
             model.lm_head.weight = nn.Parameter(head)
     model.config.vocab_size = rows
-    save_model(model, out_dir, tokenizer=new_tokenizer_dir)
+    save_model(model, out_dir, tokenizer=new_tokenizer_dir, command=command)
     return ResizeReport(Path(out_dir), old_rows, rows, len(new_ids))
 
 

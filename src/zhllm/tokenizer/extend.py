@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ZhllmError
+from ..outputs import check_output_dir
 from .encode import encode_batch_texts
 from .load import load_tokenizer
 from .sample import sample_texts
 from .train import read_texts, save_hf_tokenizer
 
 MAX_CANDIDATE_ROUNDS = 6
+EXTEND_COMMAND = "tokenizer extend"
 
 
 @dataclass
@@ -59,10 +61,11 @@ class ExtendReport:
 
 def extend_tokenizer(base_dir: str | Path, inputs: list[str], add: int, out_dir: str | Path,
                      max_chars: int = 5_000_000, field: str | None = None, seed: int = 0,
-                     strict: bool = False, show_progress: bool = True) -> ExtendReport:
+                     strict: bool = False, show_progress: bool = True, overwrite: bool = False) -> ExtendReport:
     """`zhllm tokenizer extend`: learn up to `add` new tokens on `inputs` and save the extended tokenizer."""
     if add <= 0:
         raise ZhllmError(f"--add must be positive, got {add}")
+    check_output_dir(out_dir, EXTEND_COMMAND, inputs=[base_dir, *inputs], overwrite=overwrite)
     start = time.perf_counter()
     base = load_tokenizer(base_dir)
     if max_chars <= 0:
@@ -72,7 +75,7 @@ def extend_tokenizer(base_dir: str | Path, inputs: list[str], add: int, out_dir:
         raise ZhllmError(f"no text to learn from in {', '.join(map(str, inputs))}")
     new_backend, new_tokens = add_merges(base.backend_tokenizer, sample.texts, add, show_progress)
     hf = rewrap_like(base, new_backend)
-    save_hf_tokenizer(hf, out_dir)
+    save_hf_tokenizer(hf, out_dir, command=EXTEND_COMMAND)
     heldout = sample.heldout or sample.texts[:100]
     before = sum(map(len, encode_batch_texts(base, heldout)))
     after = sum(map(len, encode_batch_texts(new_backend, heldout)))

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from ..errors import ZhllmError
 from ..fsutil import atomic_directory
+from ..outputs import check_output_dir
 
+TRAIN_COMMAND = "tokenizer train"
 EOS = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHATML_TEMPLATE = (
@@ -76,10 +78,11 @@ def wrap_hf(tok, model_max_length: int = 32768, unk_token: str | None = None):
     return hf
 
 
-def save_hf_tokenizer(hf, out_dir: str | Path) -> Path:
+def save_hf_tokenizer(hf, out_dir: str | Path, command: str | None = None) -> Path:
     """save_pretrained, then make tokenizer_config.json readable by transformers 4.x as well as 5.x:
-    the generic class name, the template inline, and the 4.x name for the extra special tokens."""
-    with atomic_directory(out_dir) as tmp:
+    the generic class name, the template inline, and the 4.x name for the extra special tokens.
+    `command` names the zhllm command in the directory's output marker (see outputs.py)."""
+    with atomic_directory(out_dir, marker=command) as tmp:
         hf.save_pretrained(str(tmp))
         cfg_file = tmp / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
@@ -132,7 +135,7 @@ class TrainReport:
 
 def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max_chars: int = 10_000_000,
                     field: str | None = None, backend: str = "bpe", num_reserved: int = 13, seed: int = 0,
-                    strict: bool = False, show_progress: bool = True) -> TrainReport:
+                    strict: bool = False, show_progress: bool = True, overwrite: bool = False) -> TrainReport:
     """`zhllm tokenizer train`: stream `inputs`, sample at most `max_chars`, train, save an HF directory.
 
     Memory is set by `max_chars`, not by the input size: `tokenizers`' BPE trainer keeps every distinct
@@ -150,6 +153,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
         raise ZhllmError(f"--max-chars must be positive, got {max_chars}")
     if num_reserved < 0:
         raise ZhllmError(f"--num-reserved must be >= 0, got {num_reserved}")
+    check_output_dir(out_dir, TRAIN_COMMAND, inputs=inputs, overwrite=overwrite)
     start, stats = time.perf_counter(), ReadStats()
     sample = sample_texts(read_texts(inputs, field, strict, stats), max_chars, seed=seed, progress=show_progress)
     if not sample.texts:
@@ -168,7 +172,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
     if lines:
         log(f"trained in {time.perf_counter() - train_start:.1f} s")
     hf = wrap_hf(tok, unk_token=unk)
-    save_hf_tokenizer(hf, out_dir)
+    save_hf_tokenizer(hf, out_dir, command=TRAIN_COMMAND)
     heldout = sample.heldout or sample.texts[:100]
     n_tokens = sum(map(len, encode_batch_texts(tok, heldout)))
     held_chars = sum(map(len, heldout))

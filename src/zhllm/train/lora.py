@@ -20,6 +20,7 @@ from ..fsutil import atomic_directory
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers CausalLM
+MERGE_COMMAND = "lora merge"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -149,18 +150,22 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Base checkpoint + adapter -> full HF-native checkpoint (with the tokenizer) in the base's dtype."""
     from ..model.io import TOKENIZER_FILES, load_model, read_state_dict, save_model
+    from ..outputs import check_output_dir
     from ..pointers import resolve_model_dir
 
     base_dir, adapter_dir = resolve_model_dir(base_dir), resolve_model_dir(adapter_dir)  # checkpoints/latest
+
+    check_output_dir(out_dir, MERGE_COMMAND, inputs=[base_dir, adapter_dir], overwrite=overwrite)
+
     base_dtype = next(iter(read_state_dict(base_dir).values())).dtype
     model = load_model(base_dir, dtype=torch.float32)  # merge in fp32, store in the base's dtype
     model = merge_adapter(load_adapter(model, adapter_dir))
     tokenizer = next((d for d in (Path(adapter_dir), Path(base_dir))
                       if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
-    return save_model(model, out_dir, tokenizer=tokenizer, dtype=base_dtype)
+    return save_model(model, out_dir, tokenizer=tokenizer, dtype=base_dtype, command=MERGE_COMMAND)
 
 
 def enable_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:

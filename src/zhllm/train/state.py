@@ -157,8 +157,10 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
     for _, d in found:
         if d not in protected:
             shutil.rmtree(d, ignore_errors=True)
-    for d in ckpt_root.glob(".step_*.tmp-*"):
-        shutil.rmtree(d, ignore_errors=True)
+    # `..step_*`: save_model's own staging, which older versions nested beside the checkpoint's staging dir
+    for pattern in (".step_*.tmp-*", ".step_*.old-*", "..step_*.tmp-*"):
+        for d in ckpt_root.glob(pattern):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def load_trainer_state(d: Path) -> TrainerState:
