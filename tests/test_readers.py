@@ -163,7 +163,7 @@ def test_unreadable_file_is_counted_not_a_traceback(tmp_path):
     stats = ReadStats()
     assert list(iter_texts([broken, garbage, good], stats=stats))[-1] == "b"
     assert stats.bad["unreadable_file"] == 2
-    assert stats.examples[-1].startswith(f"{garbage}:0: unreadable_file (ArrowInvalid")
+    assert stats.examples[-1].startswith(f"{garbage}: unreadable_file (ArrowInvalid")  # no record was read
     with pytest.raises(ZhllmError, match="broken.jsonl.gz"):
         list(iter_texts([broken], strict=True))
 

@@ -75,6 +75,11 @@ class ReadStats:
     def from_dict(cls, d: dict) -> "ReadStats":
         return cls(docs=d.get("docs", 0), bad=Counter(d.get("bad", {})), examples=list(d.get("examples", [])))
 
+    def why_empty(self) -> str:
+        """Why no document came out, for a "no documents" error: the counts and the first bad record."""
+        first = f"; first: {self.examples[0]}" if self.examples else ""
+        return self.summary().splitlines()[0] + first
+
     def summary(self) -> str:
         if not self.bad:
             return f"read {self.docs} documents, no bad records"

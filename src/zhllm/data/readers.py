@@ -161,7 +161,10 @@ def extract_text(rec: Record, field: str | None, strict: bool, stats: ReadStats)
         key = next((k for k in DEFAULT_TEXT_FIELDS if k in data), None)
     if key is None:
         wanted = field or "/".join(DEFAULT_TEXT_FIELDS[:3]) + "/..."
-        stats.add_bad(rec.where, MISSING_FIELD, f"no field {wanted}", strict)
+        names = list(data)
+        has = ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "") if names else "none"
+        # the fields it does have: a parquet or csv with other column names then says which --field to give
+        stats.add_bad(rec.where, MISSING_FIELD, f"no field {wanted}; it has {has}", strict)
         return None
     value = data[key]
     if value is None:  # parquet/csv nulls: the field is there in the schema but not in this record
@@ -199,12 +202,17 @@ def iter_file_records(path: str | Path, strict: bool, stats: ReadStats, txt_mode
         if gz or fmt not in ("jsonl", "txt"):
             raise ZhllmError(f"{path}: byte-range reading needs a plain .jsonl or .txt file")
         kwargs["part"] = part
+    last = 0  # line (or record) of the last record read, to say where a truncated file stops
     try:
-        yield from reader(path, gz, strict, stats, **kwargs)
+        for rec in reader(path, gz, strict, stats, **kwargs):
+            last = rec.line
+            yield rec
     except ZhllmError:
         raise
     except (OSError, EOFError, ValueError, csv.Error, _ArrowError) as e:  # truncated gzip, bad parquet footer...
-        stats.add_bad(f"{path}:0", UNREADABLE, _one_line(e), strict)
+        unit = "record" if fmt in ("json", "parquet") else "line"
+        where, after = (f"{path}:{last + 1}", f"; stops after {unit} {last}") if last else (str(path), "")
+        stats.add_bad(where, UNREADABLE, _one_line(e) + after, strict)
 
 
 def _one_line(e: BaseException) -> str:

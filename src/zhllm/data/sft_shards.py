@@ -105,7 +105,7 @@ class SFTShardReport:
         skipped = ", ".join(f"{reason} {n} (e.g. {', '.join(s.examples.get(reason, []))})"
                             for reason, n in s.skipped.most_common()) or "none"
         rows = [("output", str(self.out_dir)), ("input", self.read_stats.summary().splitlines()[0]),
-                ("records", f"{s.records:,} ({dict(s.formats)})"), ("skipped", skipped),
+                ("records", f"{s.records:,} ({_record_kinds(s)})"), ("skipped", skipped),
                 ("truncated", f"{s.truncated:,} (earlier turns dropped)")]
         for split, c in self.splits.items():
             rows.append((split, f"{c['examples']:,} examples, {c['tokens']:,} tokens, "
@@ -115,6 +115,14 @@ class SFTShardReport:
                  ("time", f"{self.seconds:.1f} s, {s.records / max(self.seconds, 1e-9):,.0f} records/s")]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _record_kinds(s: SFTStats) -> str:
+    """Records by format plus the ones no format accepted, so the parts add up to the record count (formats
+    count valid conversations only; a too-long one is counted there and again under skipped)."""
+    parts = [f"{fmt} {n:,}" for fmt, n in s.formats.most_common()]
+    invalid = s.records - sum(s.formats.values())
+    return ", ".join(parts + ([f"invalid {invalid:,}"] if invalid else [])) or "none"
 
 
 def tokenize_sft(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, *, max_len: int,
@@ -146,7 +154,7 @@ def tokenize_sft(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pa
         lengths = _encode_all(tmp, records, tokenizer, options, dtype, workers, stats, progress)
         if not len(lengths):
             raise ZhllmError(f"no SFT examples in {', '.join(map(str, inputs))} "
-                             f"({stats.records} records, all skipped or empty)")
+                             f"({stats.records} records, all skipped or empty; {read_stats.why_empty()})")
         splits = _write_splits(tmp, lengths, choose_val_examples(len(lengths), val_fraction, seed), dtype)
         _copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_SUBDIR)
         meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": vocab_size,

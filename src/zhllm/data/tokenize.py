@@ -176,7 +176,7 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, out_dir: str | Pat
         report.units_done = _run_units(job, units, len(done), resume_unit, worker_args, workers,
                                        token_dtype(vocab_size), eos_id, shard_tokens, progress)
         if stats.docs == 0:
-            raise ZhllmError(f"no documents found in {', '.join(map(str, inputs))}")
+            raise ZhllmError(f"no documents found in {', '.join(map(str, inputs))} ({stats.why_empty()})")
         atomic_write_text(job.part_marker, json.dumps({"job": job.signature, "read_stats": stats.to_dict()}) + "\n")
     meta = _refresh_meta(job, vocab_size, eos_id, fingerprint, stats)
     report.splits, report.complete = meta["splits"], meta["complete"]
