@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zhllm.eval.loss import evaluate_loss, token_nll
-from zhllm.eval.tasks import Item, Task, continuation_logprobs, pick_choice, run_task
+from zhllm.eval.tasks import Item, Task, pick_choice, run_task
 from zhllm.model.config import model_config_from
 from zhllm.model.io import load_model, new_model
 from zhllm.train.objectives import CausalLM
@@ -131,18 +131,11 @@ def test_demo_task_scores_exact_answers_and_asks_each_model_its_way():
     assert "问：" in task.stop_strings(chat=False) and task.stop_strings(chat=True) == ()
 
 
-def test_choice_log_probabilities_equal_unpadded_scoring_and_pick_the_argmax(tiny_model_dir):
+def test_categorical_pick_is_the_argmax_of_each_choices_continuation_log_probability(tiny_model_dir):
     from zhllm.infer.prompts import encode_prompt
     from zhllm.tokenizer.encode import encode_text
     from zhllm.tokenizer.load import load_tokenizer
     model, tok = load_model(tiny_model_dir, dtype=torch.float32), load_tokenizer(tiny_model_dir)
-    prompt, conts = [5, 9, 13], [[7], [21, 3, 8], [40, 2]]
-    got = continuation_logprobs(model, prompt, conts)
-    for score, c in zip(got, conts):
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([prompt + c]))[0].double(), dim=-1)
-        want = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(c))
-        assert score == pytest.approx(want, abs=1e-4)
 
     class Capital(Task):
         name, kind = "capital", "categorical"
@@ -155,9 +148,14 @@ def test_choice_log_probabilities_equal_unpadded_scoring_and_pick_the_argmax(tin
 
     item = Capital().items()[0]
     pick, scores = pick_choice(model, tok, Capital(), item, chat=False)
-    want = continuation_logprobs(model, encode_prompt(tok, item.question),
-                                 [encode_text(tok, c) for c in item.choices])
-    assert scores == pytest.approx(want, abs=1e-6)
+    prompt = encode_prompt(tok, item.question)
+    want = []
+    for choice in item.choices:  # summed log p(choice | prompt), one unpadded sequence at a time
+        cont = encode_text(tok, choice)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + cont]))[0].double(), dim=-1)
+        want.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(cont)))
+    assert scores == pytest.approx(want, abs=1e-4)
     assert pick == item.choices[max(range(3), key=want.__getitem__)]
     rows = run_task(Capital(), model, tok, chat=False)
     assert rows[0]["output"] == pick and rows[0]["correct"] == (pick == "北京")

@@ -5,14 +5,13 @@ chat model) and scores the model's response. Two kinds:
 - "generative": the model answers greedily and `score(item, output)` judges the text (e.g. exact match);
 - "categorical": each item has choices; the model's pick is the choice whose continuation it finds most
   likely (summed log-probability after the prompt), and the item is right when that is `item.answer`.
-A new task is a `Task` subclass in its own module here (demo_tasks.py is the generative example).
+Both go through the inference engine (`Engine.generate_batch`, `Engine.score`), in `generate_answers` and
+`pick_choice` only. A new task is a `Task` subclass in its own module here (demo_tasks.py: generative).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
-
-import torch
 
 
 
@@ -50,41 +49,22 @@ class Task:
 
 def generate_answers(model, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int,
                      stop_strings: Sequence[str] = ()) -> list[str]:
-    """Greedy answers, one per prompt. The one place evaluation calls the decoder."""
+    """Greedy answers, one per prompt, decoded together by the inference engine."""
     from ..infer.engine import Engine
     return Engine(model, tokenizer).generate_batch(list(prompts), max_new_tokens=max_new_tokens, temperature=0.0,
                                                    stop_strings=tuple(stop_strings)).texts
 
 
-@torch.no_grad()
-def continuation_logprobs(model, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
-    """Summed log p(continuation | prompt) for each continuation, in nats, all in one right-padded batch
-    (the model is causal, so padding after a row's end never reaches that row's scores)."""
-    if not continuations or any(len(c) == 0 for c in continuations):
-        raise ValueError("every continuation needs at least one token")
-    device = next(model.parameters()).device
-    rows = [list(prompt_ids) + list(c) for c in continuations]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, device=device)
-    logp = torch.log_softmax(model(ids).float(), dim=-1)
-    out = []
-    for i, c in enumerate(continuations):
-        start = len(prompt_ids)  # logits at position t predict token t+1
-        targets = ids[i, start:start + len(c)]
-        out.append(float(logp[i, start - 1:start - 1 + len(c)].gather(-1, targets[:, None]).sum()))
-    return out
-
-
 def pick_choice(model, tokenizer, task: Task, item: Item, chat: bool) -> tuple[str, list[float]]:
-    """Categorical scoring core: the choice with the highest log-probability continuation, and all scores
-    (the one place evaluation scores text: switch to the inference engine's `Engine.score` here)."""
-    from ..infer.prompts import encode_prompt
-    from ..tokenizer.encode import encode_text
-    prompt_ids = encode_prompt(tokenizer, task.prompt(item, chat))
-    continuations = [encode_text(tokenizer, task.continuation(item, c)) for c in item.choices]
-    scores = continuation_logprobs(model, prompt_ids, continuations)
+    """Categorical scoring core: the choice whose continuation has the highest summed log-probability after
+    the prompt (nats), and every choice's score."""
+    from ..infer.engine import Engine
+    if not item.choices:
+        raise ValueError(f"{task.name}: a categorical item needs choices ({item.question[:40]!r})")
+    prompt = task.prompt(item, chat)
+    scored = Engine(model, tokenizer).score([prompt] * len(item.choices),
+                                            [task.continuation(item, c) for c in item.choices])
+    scores = [r.logprob for r in scored]
     return item.choices[max(range(len(scores)), key=scores.__getitem__)], scores
 
 
