@@ -17,7 +17,7 @@ SHARED_BAD = [
     ("train.decay_fraction", 0), ("train.weight_decay", -0.1), ("train.beta1", 1.0), ("train.beta2", -0.5),
     ("train.grad_clip", -1), ("train.grad_clip", ".nan"), ("train.seed", -1), ("train.max_nonfinite", 0),
     ("train.threads", -2),
-    ("eval.every", -1), ("eval.batches", 0), ("eval.max_new_tokens", 0),
+    ("eval.every", -1), ("eval.batches", 0), ("eval.max_new_tokens", 0), ("eval.prompts", "['你好', ' ']"),
     ("checkpoint.every", -10), ("checkpoint.keep", 0), ("log.every", 0),
     ("out_dir", "''"),
 ]

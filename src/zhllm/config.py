@@ -230,7 +230,7 @@ def _coerce(tp, value, source: str, key: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):  # no setting of a config means "infinite" or "not a number"
+        if isinstance(value, float) and not math.isfinite(value):  # no config setting means "infinite" or "NaN"
             raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
         try:
             return float(value)

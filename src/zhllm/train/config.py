@@ -1,7 +1,9 @@
 """Typed config of a training run: `model`, `data`, `train`, `eval`, `checkpoint`, `log`, `out_dir`.
 
 Every stage (pretraining now; SFT, DPO, reward modelling later) reads this same shape, with its own
-defaults from a recipe YAML, so a new stage never needs a new config parser.
+defaults from a recipe YAML, so a new stage never needs a new config parser. Each numeric field declares
+its allowed range with `checked(...)`; `from_dict` enforces it, so a stage reusing a section (SFT reuses
+train/eval/checkpoint/log) gets the same checks and the same one-line errors.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class TrainSection:
 class EvalSection:
     every: int = checked(200, ge=0)                  # 0 disables periodic eval
     batches: int = checked(8, ge=1)
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str] = checked(default_factory=list, nonblank=True)  # greedy samples at each eval
     max_new_tokens: int = checked(32, ge=1)
 
 
