@@ -18,7 +18,7 @@ deterministic whatever the number of workers. Two backends apply the same rule:
   key (a key shared by a dozen copies costs a bit, a unique document nothing). The process's memory does
   not grow with the corpus; the disk needs about 16 bytes per key, 10 keys per document at the defaults.
   Band hashes are 63-bit BLAKE2 digests of the band's values: two different bands collide with
-  probability ~N^2/2^64 over N documents (1e-5 at 10M), otherwise the decisions equal the memory backend's.
+  probability ~9 N^2/2^64 over N documents (5e-5 at 10M), otherwise the decisions equal the memory backend's.
 - `memory` (`Deduplicator`): datasketch's in-memory LSH, deciding as documents stream by; about 3.5 KB per
   kept document (1.45 GB peak RSS on 767k documents of which 371k kept, against 368 MB for `disk`,
   benchmarks/bench_clean.py), kept for comparison and small corpora.
