@@ -52,9 +52,11 @@ def _eval_notes(ev: dict, results: dict) -> list[str]:
                          f"windows): {_fmt(pre['val_loss'])} here in fp32 against {_fmt(trained['val_loss'])} "
                          f"during training in {trained['precision']}.")
         else:
-            notes.append(f"The pretrain row is not the training section's val loss: training's last eval covered "
-                         f"{trained.get('val_windows', 'other')} windows at step {trained['step']}, this one "
-                         f"{pre.get('val_windows')} windows of the final checkpoint (eval.val_batches).")
+            why = (f"training last evaluated at step {trained['step']}, not on the final checkpoint "
+                   f"(step {results['pretrain'].get('step')})" if trained["step"] != results["pretrain"].get("step")
+                   else f"training evaluated {trained.get('val_windows') or 'other'} windows, this table "
+                        f"{pre.get('val_windows')} (eval.val_batches)")
+            notes.append(f"The pretrain row is not the training section's last val loss: {why}.")
     if sft and pre and sft["val_bpb"] > pre["val_bpb"]:
         notes.append(f"The SFT model's bits per byte on this text rises from {_fmt(pre['val_bpb'])} to "
                      f"{_fmt(sft['val_bpb'])}: fine-tuning on chat-formatted conversations alone moves it away from "
@@ -97,8 +99,9 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
                   f"- steps {r.get('step')}, tokens seen {r.get('tokens_seen')}, {r.get('seconds', 0):.0f} s"]
         last = _last_eval(r)
         if last:
+            windows = f"first {last['val_windows']} windows" if last.get("val_windows") else "first windows"
             what = ("the assistant replies of held-out conversations, not the text of the Evaluation table"
-                    if stage == "sft" else f"the first {last.get('val_windows', '?')} windows of the val split")
+                    if stage == "sft" else f"the {windows} of the val split")
             lines.append(f"- last periodic val loss {_fmt(last['val_loss'])} at step {last['step']} "
                          f"(in {last['precision']}, on {what})")
         lines += [f"- checkpoint: `{_rel(r['checkpoint'], run_dir)}`", ""]
