@@ -29,7 +29,7 @@ from pathlib import Path
 
 from zhllm.data.clean import CleanConfig, clean_corpus
 from zhllm.data.dedup import DedupConfig, minhash_signature
-from zhllm.data.readers import iter_texts
+from zhllm.corpus.readers import iter_texts
 
 DEFAULT_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain" / "web_wiki_news_zh.jsonl"
 _SENTENCE_END = re.compile(r"(?<=[。！？!?\n])")

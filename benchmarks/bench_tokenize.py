@@ -98,7 +98,7 @@ def main() -> None:
         files = prose_files()
         if args.quick:
             files = quick_subset(files, 1 / 6, tmp)
-        from zhllm.data.readers import iter_texts
+        from zhllm.corpus.readers import iter_texts
         texts = list(iter_texts([str(f) for f in files]))
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         print(f"{len(texts):,} documents, {mb:.1f} MB of text, {args.workers} workers, tokenizer {args.tokenizer}")

@@ -39,7 +39,7 @@ EXPECTED = {
 
 
 @dataclass
-class Rec:  # the shape of zhllm.data.readers.Record
+class Rec:  # the shape of zhllm.corpus.readers.Record
     data: Any
     path: str
     line: int
@@ -347,7 +347,7 @@ def test_preview_sft_cli_errors_are_one_line(tmp_path, tokenizer_dir, capsys):
 def test_real_sft_files_parse_with_auto_detect():
     sft_dir = shared_data("sft")
     tokenizer = _real_tokenizer("minimind")
-    from zhllm.data.readers import iter_records
+    from zhllm.corpus.readers import iter_records
     for path in sorted(sft_dir.iterdir()):
         stats = SFTStats()
         convs = list(iter_conversations(iter_records([path]), stats=stats))

@@ -13,7 +13,7 @@ from zhllm.data.clean import CleanConfig, clean_corpus, format_clean_report, loa
 from zhllm.data.dedup import DedupConfig, Deduplicator, exact_key, minhash_signature
 from zhllm.data.normalize import normalize_text, nfkc_keep_cjk_punct
 from zhllm.data.quality import QualityThresholds, quality_reason
-from zhllm.data.readers import iter_texts
+from zhllm.corpus.readers import iter_texts
 from zhllm.errors import ConfigError, ZhllmError
 
 # The first 2000 ideographs of the CJK block: random picks share no long runs, unlike real prose.

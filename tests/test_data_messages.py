@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from zhllm.data.readers import ReadStats, iter_texts
+from zhllm.corpus.readers import ReadStats, iter_texts
 from zhllm.data.sft_shards import tokenize_sft
 from zhllm.data.tokenize import tokenize_corpus
 from zhllm.errors import ZhllmError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from zhllm.data.readers import (FileSlice, ReadStats, expand_inputs, iter_file_lines, iter_records,
+from zhllm.corpus.readers import (FileSlice, ReadStats, expand_inputs, iter_file_lines, iter_records,
                                 iter_text_records, iter_texts, plan_slices)
 from zhllm.errors import ZhllmError
 
@@ -127,7 +127,7 @@ def test_txt_paragraph_mode(tmp_path):
 
 
 def test_json_array_streams_and_stops_at_syntax_error(tmp_path, monkeypatch):
-    import zhllm.data.json_stream as json_stream
+    import zhllm.corpus.json_stream as json_stream
     monkeypatch.setattr(json_stream, "CHUNK_CHARS", 5)  # force refills in the middle of strings and numbers
     good = write_json(tmp_path / "a.json", [{"text": "长" * 40, "n": 1234567890123}, "bare string", 3.5,
                                            {"text": 'quote " and \\ backslash'}])

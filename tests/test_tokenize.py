@@ -12,7 +12,7 @@ import pytest
 from conftest import shared_data
 from zhllm.cli import main
 from zhllm.data import tokenize as tk
-from zhllm.data.readers import iter_texts
+from zhllm.corpus.readers import iter_texts
 from zhllm.data.shards import PackedTokenDataset, ShardDirectory, tokenizer_fingerprint
 from zhllm.errors import ZhllmError
 from zhllm.tokenizer.load import load_tokenizer

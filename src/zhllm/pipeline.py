@@ -141,7 +141,7 @@ def _is_run_dir(d: Path) -> bool:
 
 
 def input_fingerprint(inputs: list[str]) -> list:
-    from .data.readers import expand_inputs
+    from .corpus.readers import expand_inputs
     real = [i for i in inputs if i != BUILTIN_DEMO]
     out: list = [i for i in inputs if i == BUILTIN_DEMO]
     if BUILTIN_DEMO in inputs:

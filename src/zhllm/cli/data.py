@@ -9,7 +9,7 @@ from . import add_overwrite_flag, add_progress_flag
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
-    """--input/--field/--strict/--txt-mode: how every data command reads a corpus (data/readers.py)."""
+    """--input/--field/--strict/--txt-mode: how every data command reads a corpus (corpus/readers.py)."""
     p.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
                    help="files, directories (recursive) or globs: .jsonl .json .parquet .csv .txt, each optionally .gz")
     p.add_argument("--field", default=None,

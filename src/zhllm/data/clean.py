@@ -30,7 +30,7 @@ from .dedup import (REASONS, DedupConfig, Deduplicator, DiskDeduplicator, check_
 from .normalize import normalize_text
 from .ordered_pool import guarded_initializer
 from .quality import QualityThresholds, quality_reason
-from .readers import ReadStats, expand_inputs, iter_text_records
+from ..corpus.readers import ReadStats, expand_inputs, iter_text_records
 
 STAGES = ("read", "normalize", "quality", "exact_dedup", "near_dedup")
 _BATCH = 256

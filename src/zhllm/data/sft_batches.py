@@ -190,7 +190,7 @@ def build_sft_datasets(tokenizer, inputs, seq_len: int, fmt: str = "auto", max_l
     packing, so no conversation is ever split between the two sets.
     """
     from .chat import SFTStats, encode_records, tokenizers_single_threaded
-    from .readers import ReadStats, expand_inputs, iter_records
+    from ..corpus.readers import ReadStats, expand_inputs, iter_records
 
     if not 0 <= val_fraction < 1:  # before the slow encode
         raise ZhllmError(f"data.val_fraction must be in [0, 1), got {val_fraction}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import ZhllmError
 from .chat import IGNORE, SFTStats, encode_records
-from .readers import ReadStats, expand_inputs, iter_records
+from ..corpus.readers import ReadStats, expand_inputs, iter_records
 
 ANSI_TRAINED, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"
 

@@ -37,7 +37,7 @@ from ..fsutil import atomic_directory, atomic_write_text
 from ..pointers import resolve_model_dir
 from .chat import FORMATS, SFTStats, encode_records, tokenizers_single_threaded
 from .ordered_pool import imap_ordered
-from .read_stats import ReadStats
+from ..corpus.read_stats import ReadStats
 from .sft_batches import SFTDataset, choose_val_examples, examples_to_arrays
 from .shards import META_FILE, TOKENIZER_SUBDIR, token_dtype, tokenizer_fingerprint
 
@@ -135,7 +135,7 @@ def tokenize_sft(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pa
     validation conversations exactly as `zhllm sft` would with data.val_fraction and train.seed.
     """
     from ..tokenizer.load import load_tokenizer
-    from .readers import expand_inputs, iter_records
+    from ..corpus.readers import expand_inputs, iter_records
 
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1

@@ -145,7 +145,7 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, out_dir: str | Pat
                     overwrite: bool = False) -> TokenizeReport:
     """Tokenise `inputs` into a shard directory (see the module docstring); returns what was done.
     `out_dir` follows outputs.py; `overwrite` also restarts an output of a different tokenize job."""
-    from .readers import ReadStats, expand_inputs, iter_texts
+    from ..corpus.readers import ReadStats, expand_inputs, iter_texts
 
     start_time = time.perf_counter()
     _check_args(val_fraction, workers, num_shards, shard_index, shard_tokens, unit_chars)

@@ -138,7 +138,7 @@ def evaluate_tokenizers(tokenizers: list[str | Path], inputs: list[str] | str, f
     tokenizer."""
     from itertools import islice
 
-    from ..data.readers import ReadStats
+    from ..corpus.readers import ReadStats
     from .train import read_texts
 
     if max_docs is not None and max_docs <= 0:

@@ -141,7 +141,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
     Memory is set by `max_chars`, not by the input size: `tokenizers`' BPE trainer keeps every distinct
     pre-token as per-byte symbols, about 0.25 GB per million Chinese characters (measured in
     benchmarks/bench_tokenizer_train.py); SentencePiece needs far less."""
-    from ..data.readers import ReadStats
+    from ..corpus.readers import ReadStats
     from .encode import encode_batch_texts
     from .progress import log, native_bars
     from .sample import sample_texts
@@ -185,6 +185,6 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
 def read_texts(inputs: list[str], field: str | None = None, strict: bool = False, stats=None) -> Iterator[str]:
     """Texts from files/directories/globs via the shared readers (bad records are counted in `stats`
     and skipped, or stop the run under `strict`)."""
-    from ..data.readers import expand_inputs, iter_texts
+    from ..corpus.readers import expand_inputs, iter_texts
     paths = expand_inputs(list(inputs))  # now, so a wrong path fails before any work starts
     return iter_texts(paths, field=field, strict=strict, stats=stats)
