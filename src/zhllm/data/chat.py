@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ZhllmError
+from ..tokenizer.special import IM_END
 
 IGNORE = -100
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_response")
@@ -163,12 +164,12 @@ def _render_ids(tokenizer, messages: list[Message], add_generation_prompt: bool 
 def end_of_turn_ids(tokenizer) -> set[int]:
     """Token ids that close an assistant turn: ChatML's <|im_end|> and the tokenizer's EOS."""
     ids = set()
-    for tok in ("<|im_end|>", tokenizer.eos_token):
+    for tok in (IM_END, tokenizer.eos_token):
         i = tokenizer.convert_tokens_to_ids(tok) if tok else None
         if i is not None and i != tokenizer.unk_token_id:
             ids.add(i)
     if not ids:
-        raise ZhllmError("tokenizer has neither <|im_end|> nor an EOS token to end assistant turns")
+        raise ZhllmError(f"tokenizer has neither {IM_END} nor an EOS token to end assistant turns")
     return ids
 
 
@@ -196,7 +197,7 @@ def _render_with_reply_ends(tokenizer, messages: list[Message]) -> tuple[list[in
                              "follows, so assistant spans cannot be located")
         end = next((j + 1 for j in range(start, len(ids)) if ids[j] in eot), None)
         if end is None:
-            raise ZhllmError("the tokenizer's chat template does not close assistant turns with <|im_end|> or EOS")
+            raise ZhllmError(f"the tokenizer's chat template does not close assistant turns with {IM_END} or EOS")
         labels[start:end] = ids[start:end]
         ends.append(end)
     return ids, labels, ends

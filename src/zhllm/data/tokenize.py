@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import ZhllmError
 from ..fsutil import atomic_directory, atomic_write_text
 from ..pointers import resolve_model_dir
+from ..tokenizer.special import EOS
 from .ordered_pool import imap_ordered
 from .shards import (TOKENIZER_SUBDIR, VERSION, ShardWriter, build_meta, open_shard_dir, token_dtype,
                      tokenizer_fingerprint, write_meta)
@@ -224,7 +225,7 @@ def read_tokenizer(path: str | Path):
             raise ZhllmError(f"tokenizer {path} has no fast (tokenizers) backend; save it with a tokenizer.json")
         eos_id, vocab_size = hf.eos_token_id, len(hf)
     if eos_id is None:
-        eos_id = tok.token_to_id("<|endoftext|>")
+        eos_id = tok.token_to_id(EOS)
     if eos_id is None:
         raise ZhllmError(f"tokenizer {path} has no EOS token to end documents with")
     return tok, vocab_size, int(eos_id)

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ZhllmError
+from ..tokenizer.special import IM_END
 
-CHAT_END = "<|im_end|>"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -101,7 +101,7 @@ def generation_config_eos(path: Path) -> list[int]:
 def stop_ids_for(tokenizer, extra: list[int] | tuple[int, ...] = ()) -> list[int]:
     """The tokenizer's EOS, ChatML's end of turn, and `extra` (the eos list of generation_config.json)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.convert_tokens_to_ids(CHAT_END)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.append(im_end)
     ids += list(extra)

@@ -97,8 +97,9 @@ def _tokenizer_summary(path: Path, cfg: ModelConfig) -> str:
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         return "none in this directory"
     from ..tokenizer.load import load_tokenizer
+    from ..tokenizer.special import IM_START
     tok = load_tokenizer(path)
     note = "" if len(tok) <= cfg.vocab_size else f"  (LARGER than the model's vocabulary {cfg.vocab_size}!)"
-    template = "ChatML chat template" if "<|im_start|>" in (tok.chat_template or "") else (
+    template = "ChatML chat template" if IM_START in (tok.chat_template or "") else (
         "chat template" if tok.chat_template else "no chat template")
     return f"{len(tok)} tokens, {template}{note}"

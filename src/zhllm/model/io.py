@@ -15,6 +15,7 @@ import torch
 from ..errors import ZhllmError
 from ..fsutil import atomic_directory
 from ..pointers import resolve_model_dir
+from ..tokenizer.special import IM_END
 from .config import ModelConfig
 from .transformer import Transformer, rope_frequencies
 
@@ -181,7 +182,7 @@ def _generation_ids(tok_dir: Path, cfg: ModelConfig) -> dict:
         names = {k: token(tcfg.get(f"{k}_token")) for k in ("eos", "pad", "bos")}
         lookup = lambda t: added.get(t, vocab.get(t)) if t else None  # noqa: E731
     eos = []
-    for t in (names["eos"], "<|im_end|>"):
+    for t in (names["eos"], IM_END):
         i = lookup(t)
         if i is not None and i not in eos:
             eos.append(i)

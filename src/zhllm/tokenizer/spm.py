@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 from ..errors import ZhllmError
 from .sample import chunk_text
-from .train import special_tokens
+from .special import DEFAULT_NUM_RESERVED, special_tokens
 
 UNK = "<unk>"
 # SentencePiece's words (with allow_whitespace_only_pieces): a run of spaces starts a word and the
@@ -44,7 +44,7 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
         yield from chunk_text(text, MAX_SENTENCE_CHARS)
 
 
-def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, num_reserved: int = 13,
+def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, num_reserved: int = DEFAULT_NUM_RESERVED,
                               character_coverage: float = 0.9995, num_threads: int | None = None) -> bytes:
     """Train a SentencePiece BPE model; returns the serialized model proto.
 

@@ -15,23 +15,11 @@ from pathlib import Path
 from ..errors import ZhllmError
 from ..fsutil import atomic_directory
 from ..outputs import check_output_dir
+from .special import CHATML_TEMPLATE, DEFAULT_NUM_RESERVED, EOS, special_tokens
 
 TRAIN_COMMAND = "tokenizer train"
-EOS = "<|endoftext|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def special_tokens(num_reserved: int) -> list[str]:
-    """EOS and the ChatML pair first (ids 0, 1, 2), then reserved slots for later stages' control tokens."""
-    return [EOS, IM_START, IM_END] + [f"<|reserved_{i}|>" for i in range(num_reserved)]
 
 
 def byte_level_pre_tokenizer():
@@ -43,7 +31,7 @@ def byte_level_pre_tokenizer():
     ])
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, num_reserved: int = 13, min_frequency: int = 2,
+def train_bpe(texts: Iterable[str], vocab_size: int, num_reserved: int = DEFAULT_NUM_RESERVED, min_frequency: int = 2,
               show_progress: bool = False):
     """Train a byte-level BPE `tokenizers.Tokenizer` on an iterator of texts.
 
@@ -97,7 +85,7 @@ def save_hf_tokenizer(hf, out_dir: str | Path, command: str | None = None) -> Pa
 
 
 def train_tokenizer_from_texts(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
-                               num_reserved: int = 13, show_progress: bool = False) -> Path:
+                               num_reserved: int = DEFAULT_NUM_RESERVED, show_progress: bool = False) -> Path:
     """Train and save; the directory loads with `AutoTokenizer.from_pretrained(out_dir)`."""
     tok = train_bpe(texts, vocab_size, num_reserved=num_reserved, show_progress=show_progress)
     return save_hf_tokenizer(wrap_hf(tok), out_dir)
@@ -134,8 +122,9 @@ class TrainReport:
 
 
 def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max_chars: int = 10_000_000,
-                    field: str | None = None, backend: str = "bpe", num_reserved: int = 13, seed: int = 0,
-                    strict: bool = False, show_progress: bool = True, overwrite: bool = False) -> TrainReport:
+                    field: str | None = None, backend: str = "bpe", num_reserved: int = DEFAULT_NUM_RESERVED,
+                    seed: int = 0, strict: bool = False, show_progress: bool = True,
+                    overwrite: bool = False) -> TrainReport:
     """`zhllm tokenizer train`: stream `inputs`, sample at most `max_chars`, train, save an HF directory.
 
     Memory is set by `max_chars`, not by the input size: `tokenizers`' BPE trainer keeps every distinct
@@ -145,7 +134,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
     from .encode import encode_batch_texts
     from .progress import log, native_bars
     from .sample import sample_texts
-    from .spm import sentencepiece_to_tokenizers, train_sentencepiece_model
+    from .spm import UNK, sentencepiece_to_tokenizers, train_sentencepiece_model
 
     if backend not in BACKENDS:
         raise ZhllmError(f"unknown tokenizer backend {backend!r} (choose from {', '.join(BACKENDS)})")
@@ -168,7 +157,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int, max
         tok, unk = train_bpe(sample.texts, vocab_size, num_reserved=num_reserved, show_progress=bars), None
     else:
         proto = train_sentencepiece_model(sample.texts, vocab_size, num_reserved=num_reserved)
-        tok, unk = sentencepiece_to_tokenizers(proto), "<unk>"
+        tok, unk = sentencepiece_to_tokenizers(proto), UNK
     if lines:
         log(f"trained in {time.perf_counter() - train_start:.1f} s")
     hf = wrap_hf(tok, unk_token=unk)
