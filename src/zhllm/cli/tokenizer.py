@@ -1,6 +1,7 @@
 """Parsers for `zhllm tokenizer train|extend|eval`; see cli/__init__.py."""
 from __future__ import annotations
 
+from ..tokenizer.special import DEFAULT_NUM_RESERVED, special_tokens
 from . import add_overwrite_flag, add_progress_flag
 
 
@@ -13,8 +14,6 @@ def _input_args(p) -> None:
 
 
 def register(root, groups) -> None:
-    from ..tokenizer.commands import eval_command, extend_command, train_command
-
     sub = groups["tokenizer"]
     p = sub.add_parser("train", help="train a byte-level BPE (or SentencePiece) tokenizer on a corpus",
                        description="Stream the corpus, sample up to --max-chars characters spread over all of it, "
@@ -29,12 +28,11 @@ def register(root, groups) -> None:
     p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe",
                    help="bpe: byte-level BPE with `tokenizers` (default); sentencepiece: SentencePiece BPE "
                         "with byte fallback, saved in the same HF format")
-    p.add_argument("--num-reserved", type=int, default=13,
-                   help="reserved special-token slots after <|endoftext|>, <|im_start|>, <|im_end|> (default 13)")
+    p.add_argument("--num-reserved", type=int, default=DEFAULT_NUM_RESERVED,
+                   help=f"reserved special-token slots after {', '.join(special_tokens(0))} "
+                        f"(default {DEFAULT_NUM_RESERVED})")
     add_progress_flag(p)
-    p.set_defaults(func=lambda a: train_command(a.input, a.out, a.vocab_size, a.max_chars, a.field, a.backend,
-                                                a.num_reserved, a.seed, a.strict, progress=not a.no_progress,
-                                                overwrite=a.overwrite))
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("extend", help="add vocabulary learnt on a corpus to an existing tokenizer",
                        description="Learn up to --add new BPE merges on the corpus and append them to the base "
@@ -50,9 +48,7 @@ def register(root, groups) -> None:
     p.add_argument("--model-out", default=None, help="where to write the resized checkpoint")
     add_overwrite_flag(p)
     add_progress_flag(p)
-    p.set_defaults(func=lambda a: extend_command(a.base, a.input, a.add, a.out, a.max_chars, a.field, a.seed,
-                                                 a.strict, a.model, a.model_out, progress=not a.no_progress,
-                                                 overwrite=a.overwrite))
+    p.set_defaults(func=_extend)
 
     p = sub.add_parser("eval", help="chars/token, bytes/token and byte-fallback rate on held-out text",
                        description="Encode the same documents with each tokenizer and print a markdown table. "
@@ -63,4 +59,31 @@ def register(root, groups) -> None:
     p.add_argument("--compare", nargs="*", default=[], metavar="DIR", help="more tokenizers to compare")
     p.add_argument("--field", default=None, help="text field of each record (default: text, with fallbacks)")
     p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (of all inputs)")
-    p.set_defaults(func=lambda a: eval_command(a.tokenizer, a.input, a.compare, a.field, a.max_docs))
+    p.set_defaults(func=_eval)
+
+
+def _train(a) -> None:
+    from ..tokenizer.train import train_tokenizer
+
+    print(train_tokenizer(a.input, a.out, a.vocab_size, max_chars=a.max_chars, field=a.field, backend=a.backend,
+                          num_reserved=a.num_reserved, seed=a.seed, strict=a.strict, show_progress=not a.no_progress,
+                          overwrite=a.overwrite).table())
+
+
+def _extend(a) -> None:
+    from ..tokenizer.extend import EXTEND_COMMAND, extend_tokenizer
+
+    print(extend_tokenizer(a.base, a.input, a.add, a.out, max_chars=a.max_chars, field=a.field, seed=a.seed,
+                           strict=a.strict, show_progress=not a.no_progress, overwrite=a.overwrite,
+                           model=a.model, model_out=a.model_out).table())
+    if a.model is not None:  # tokenizer/ sits below model/, so the resize is the second step, not part of extend
+        from ..model.resize import resize_embeddings
+
+        print(resize_embeddings(a.model, a.out, a.model_out, old_tokenizer_dir=a.base, overwrite=a.overwrite,
+                                command=EXTEND_COMMAND, flag="--model-out").table())
+
+
+def _eval(a) -> None:
+    from ..tokenizer.evaluate import evaluate_tokenizers, stats_table
+
+    print(stats_table(evaluate_tokenizers([a.tokenizer, *a.compare], a.input, field=a.field, max_docs=a.max_docs)))

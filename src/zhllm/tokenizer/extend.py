@@ -61,10 +61,15 @@ class ExtendReport:
 
 def extend_tokenizer(base_dir: str | Path, inputs: list[str], add: int, out_dir: str | Path,
                      max_chars: int = 5_000_000, field: str | None = None, seed: int = 0,
-                     strict: bool = False, show_progress: bool = True, overwrite: bool = False) -> ExtendReport:
-    """`zhllm tokenizer extend`: learn up to `add` new tokens on `inputs` and save the extended tokenizer."""
+                     strict: bool = False, show_progress: bool = True, overwrite: bool = False,
+                     model: str | Path | None = None, model_out: str | Path | None = None) -> ExtendReport:
+    """`zhllm tokenizer extend`: learn up to `add` new tokens on `inputs` and save the extended tokenizer.
+
+    `model`/`model_out` name the checkpoint the caller will resize to the result (model/resize.py, which
+    sits above this package) and where it goes: checked here, so a bad pair fails before the slow part."""
     if add <= 0:
         raise ZhllmError(f"--add must be positive, got {add}")
+    check_model_outputs(base_dir, inputs, out_dir, model, model_out, overwrite)
     check_output_dir(out_dir, EXTEND_COMMAND, inputs=[base_dir, *inputs], overwrite=overwrite)
     start = time.perf_counter()
     base = load_tokenizer(base_dir)
@@ -84,6 +89,23 @@ def extend_tokenizer(base_dir: str | Path, inputs: list[str], add: int, out_dir:
     examples = [t for t in readable if "\ufffd" not in t and t.strip()][:12]
     return ExtendReport(Path(out_dir), len(base), len(hf), len(new_tokens), first, sum(map(len, heldout)),
                         before, after, time.perf_counter() - start, examples, requested=add)
+
+
+def check_model_outputs(base_dir: str | Path, inputs: list[str], out_dir: str | Path,
+                        model: str | Path | None, model_out: str | Path | None, overwrite: bool = False) -> None:
+    """--model and --model-out: both or neither, the copy apart from the original and from --out, and
+    --model-out a directory zhllm may write (outputs.py)."""
+    if (model is None) != (model_out is None):
+        raise ZhllmError("--model and --model-out go together: the checkpoint to resize and where to write it")
+    if model is None:
+        return
+    if Path(model).resolve() == Path(model_out).resolve():
+        raise ZhllmError("--model-out must differ from --model (the original checkpoint is kept)")
+    a, b = Path(out_dir).resolve(), Path(model_out).resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise ZhllmError("--out and --model-out must be separate directories, neither inside the other")
+    check_output_dir(model_out, EXTEND_COMMAND, inputs=[model, base_dir, *inputs], overwrite=overwrite,
+                     flag="--model-out")
 
 
 def add_merges(backend, texts: list[str], add: int, show_progress: bool = False):
