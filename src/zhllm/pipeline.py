@@ -59,7 +59,7 @@ class SftSection:
 
 
 @dataclass
-class EvalSection:
+class PipelineEvalSection:
     tasks: int = 100               # held-out demo tasks answered greedily by each model
     max_new_tokens: int = 40
     val_batches: Optional[int] = None  # of pretraining's batch size; None: the windows of its periodic eval
@@ -77,7 +77,7 @@ class PipelineConfig:
     tokenize: TokenizeSection = field(default_factory=TokenizeSection)
     pretrain: dict[str, Any] = field(default_factory=dict)  # a pretrain recipe (configs/pretrain/*.yaml shape)
     sft: SftSection = field(default_factory=SftSection)
-    eval: EvalSection = field(default_factory=EvalSection)
+    eval: PipelineEvalSection = field(default_factory=PipelineEvalSection)
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:

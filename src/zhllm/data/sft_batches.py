@@ -176,11 +176,6 @@ class SFTDataset:
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), key: torch.from_numpy(extra)}
 
 
-def packing_efficiency(dataset: SFTDataset) -> float:
-    """Fraction of row slots holding real tokens (1.0 = no padding) when rows are seq_len long."""
-    return dataset.num_tokens / (len(dataset) * dataset.seq_len)
-
-
 def build_sft_datasets(tokenizer, inputs, seq_len: int, fmt: str = "auto", max_len: int | None = None,
                        packing: bool = True, val_fraction: float = 0.0, seed: int = 0, overflow: str = "truncate",
                        strict: bool = False, progress: bool = True):

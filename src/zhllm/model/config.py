@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..config import PACKAGE_CONFIGS, apply_overrides, from_dict, read_yaml
+from ..config import PACKAGE_CONFIGS, from_dict, read_yaml
 from ..errors import ConfigError, ZhllmError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -193,6 +193,3 @@ def model_config_from(preset: str | None = None, overrides: dict | None = None, 
     data = {**data, **(overrides or {})}
     return from_dict(ModelConfig, data, source, "model.")
 
-
-def model_config_with_sets(preset: str | None, sets: list[str] | None) -> ModelConfig:
-    return model_config_from(preset, apply_overrides({}, sets))
