@@ -41,7 +41,8 @@ HF_KEEP = "transformers, with zhllm's malloc setting (freed memory kept)"
 
 def synthetic_shards(out: Path, vocab: int, tokens: int) -> Path:
     """Random documents in the real shard format, so the loop reads through PackedTokenDataset."""
-    from zhllm.data.shards import ShardWriter, build_meta, token_dtype, write_meta
+    from zhllm.data.shard_dir import token_dtype, write_meta
+    from zhllm.data.shards import ShardWriter, build_meta
     rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from zhllm.cli import main
-from zhllm.data.shards import PackedTokenDataset, ShardDirectory, ShardWriter, build_meta, token_dtype, write_meta
+from zhllm.data.shard_dir import token_dtype, write_meta
+from zhllm.data.shards import PackedTokenDataset, ShardDirectory, ShardWriter, build_meta
 from zhllm.data.window_order import MIX_BLOCK
 from zhllm.errors import ZhllmError
 

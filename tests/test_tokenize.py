@@ -13,7 +13,8 @@ from conftest import shared_data
 from zhllm.cli import main
 from zhllm.data import tokenize as tk
 from zhllm.corpus.readers import iter_texts
-from zhllm.data.shards import PackedTokenDataset, ShardDirectory, tokenizer_fingerprint
+from zhllm.data.shard_dir import tokenizer_fingerprint
+from zhllm.data.shards import PackedTokenDataset, ShardDirectory
 from zhllm.errors import ZhllmError
 from zhllm.tokenizer.load import load_tokenizer
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from zhllm.data.shards import ShardWriter, build_meta, token_dtype, tokenizer_fingerprint, write_meta
+from zhllm.data.shard_dir import token_dtype, tokenizer_fingerprint, write_meta
+from zhllm.data.shards import ShardWriter, build_meta
 from zhllm.model.io import copy_tokenizer
 from zhllm.tokenizer.load import load_tokenizer
 

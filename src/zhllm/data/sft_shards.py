@@ -20,10 +20,8 @@ The directory is written under a temporary name and renamed when complete (rule 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -32,24 +30,22 @@ from pathlib import Path
 
 import numpy as np
 
+from ..corpus.read_stats import ReadStats
 from ..errors import ConfigError, ZhllmError
-from ..fsutil import atomic_directory, atomic_write_text
+from ..fsutil import atomic_directory
 from ..pointers import resolve_model_dir
 from .chat import FORMATS, SFTStats, encode_records, tokenizers_single_threaded
 from .ordered_pool import imap_ordered
-from ..corpus.read_stats import ReadStats
 from .sft_batches import SFTDataset, choose_val_examples, examples_to_arrays
-from .shards import META_FILE, TOKENIZER_SUBDIR, token_dtype, tokenizer_fingerprint
+from .shard_dir import (META_FILE, SPLITS, TOKENIZER_SUBDIR, ShardDir, copy_tokenizer, meta_header,
+                        token_dtype, tokenizer_fingerprint, write_meta)
 
 FORMAT = "zhllm-sft-shards"
 VERSION = 1
 SFT_COMMAND = "data tokenize-sft"
-SPLITS = ("train", "val")
 UNIT_RECORDS = 64  # records per work unit: fixed (never derived from --workers) so the output is too
 COPY_EXAMPLES = 1024  # conversations per chunk when splitting the encoded stream into train/val
 ENCODE_OPTIONS = ("format", "max_len", "overflow", "strict")  # fixed at tokenisation; see sft_shard_datasets
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -134,8 +130,8 @@ def tokenize_sft(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pa
     `max_len` must be <= the train.seq_len the shards will be trained with; `val_fraction` and `seed` pick the
     validation conversations exactly as `zhllm sft` would with data.val_fraction and train.seed.
     """
-    from ..tokenizer.load import load_tokenizer
     from ..corpus.readers import expand_inputs, iter_records
+    from ..tokenizer.load import load_tokenizer
 
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1
@@ -156,15 +152,15 @@ def tokenize_sft(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pa
             raise ZhllmError(f"no SFT examples in {', '.join(map(str, inputs))} "
                              f"({stats.records} records, all skipped or empty; {read_stats.why_empty()})")
         splits = _write_splits(tmp, lengths, choose_val_examples(len(lengths), val_fraction, seed), dtype)
-        _copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_SUBDIR)
-        meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": vocab_size,
+        copy_tokenizer(tokenizer_dir, tmp)
+        meta = {**meta_header(FORMAT, VERSION, vocab_size),
                 "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "tokenizer_source": str(tokenizer_dir),
                 "tokenizer_dir": TOKENIZER_SUBDIR,
                 "options": {"format": fmt, "max_len": max_len, "overflow": overflow, "strict": strict,
                             "val_fraction": val_fraction, "seed": seed},
                 "splits": splits, "sft_stats": _stats_dict(stats), "read_stats": read_stats.to_dict(),
                 "inputs": [[f.name, f.stat().st_size] for f in files]}
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        write_meta(tmp, meta)
     return SFTShardReport(out_dir, splits, stats, read_stats, time.perf_counter() - start)
 
 
@@ -255,32 +251,26 @@ def _write_splits(tmp: Path, lengths: np.ndarray, is_val: np.ndarray, dtype: np.
     return splits
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    dst.mkdir()
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
 # ----------------------------------------------------------------------------------------------- reading
 
 
-class SFTShards:
+class SFTShards(ShardDir):
     """A verified SFT shard directory: meta.json checked against the files, arrays memory-mapped."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.meta = _read_meta(self.path)
-        self.dtype = np.dtype(self.meta["dtype"])
+    FORMAT, VERSION, KIND, A_KIND = FORMAT, VERSION, "SFT shard", "an SFT shard"
+
+    def no_meta_message(self) -> str:
+        return (f"{self.path}: not a complete SFT shard directory (no meta.json; an interrupted "
+                "zhllm data tokenize-sft leaves no meta.json: run it again)")
+
+    def check_files(self) -> None:
         for split in SPLITS:
             c = self.meta["splits"][split]
             if c["examples"]:
                 sizes = {".bin": c["tokens"] * self.dtype.itemsize, ".mask": c["tokens"], ".idx": c["examples"] * 8}
                 for ext, size in sizes.items():
-                    f = self.path / f"{split}{ext}"
-                    if not f.is_file() or f.stat().st_size != size:
-                        raise ZhllmError(f"{self.path}: {f.name} is missing or not {size} bytes as meta.json says "
-                                         "(damaged SFT shard directory; re-run zhllm data tokenize-sft)")
+                    self.check_size(f"{split}{ext}", size,
+                                    "damaged SFT shard directory; re-run zhllm data tokenize-sft")
 
     def examples(self, split: str) -> int:
         return int(self.meta["splits"][split]["examples"])
@@ -301,25 +291,6 @@ class SFTShards:
 
     def read_stats(self) -> ReadStats:
         return ReadStats.from_dict(self.meta["read_stats"])
-
-
-def _read_meta(path: Path) -> dict:
-    meta_file = path / META_FILE
-    if not path.is_dir():
-        raise ZhllmError(f"SFT shard directory not found: {path}")
-    if not meta_file.is_file():
-        raise ZhllmError(f"{path}: not a complete SFT shard directory (no meta.json; an interrupted "
-                         "zhllm data tokenize-sft leaves no meta.json: run it again)")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ZhllmError(f"{meta_file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ZhllmError(f"{path} is not an SFT shard directory (meta.json format is {found!r}, not {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise ZhllmError(f"{path}: SFT shard version {meta.get('version')} is not supported (need {VERSION})")
-    return meta
 
 
 def open_sft_shards(path: str | Path) -> SFTShards:

@@ -2,7 +2,8 @@
 
 A shard directory (ARCHITECTURE "Formats") holds `meta.json`, pairs `train-00000.bin` (flat token ids,
 uint16 or uint32) + `train-00000.idx` (int64 start offset of every document), the same for `val-*`, and the
-tokenizer in `tokenizer/` so the directory is self-describing. Every document ends with EOS.
+tokenizer in `tokenizer/` so the directory is self-describing (what all shard kinds share: shard_dir.py).
+Every document ends with EOS.
 
 Writers put each file under a temporary name and rename it when complete; `meta.json` is written last and
 only when the whole job is done, so a reader that finds a valid `meta.json` whose sizes match never sees a
@@ -14,8 +15,6 @@ overlap by one (every token is a target exactly once per epoch). Window order is
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import uuid
 from collections.abc import Sequence
@@ -25,30 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ZhllmError
-from ..fsutil import atomic_write_text
+from .shard_dir import SPLITS, TOKENIZER_SUBDIR, ShardDir, check_split, meta_header
 from .window_order import EpochOrder, MixSchedule
 
 FORMAT = "zhllm-token-shards"
 VERSION = 1
-META_FILE = "meta.json"
-TOKENIZER_SUBDIR = "tokenizer"
-SPLITS = ("train", "val")
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 halves disk and page-cache use whenever the vocabulary fits."""
-    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id, added tokens included): shard dirs mix only if their ids mean
-    the same. Works alike for a transformers tokenizer and a raw `tokenizers.Tokenizer` of the same files."""
-    try:
-        vocab = tokenizer.get_vocab(with_added_tokens=True)  # tokenizers.Tokenizer
-    except TypeError:
-        vocab = tokenizer.get_vocab()  # transformers: added tokens are always included
-    canonical = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -131,50 +111,39 @@ def build_meta(vocab_size: int, eos_id: int, tokenizer_sha256: str, shards: list
         mine = [s for s in shards if s["split"] == split]
         splits[split] = {k: sum(s[k] for s in mine) for k in ("tokens", "documents", "bytes")}
         splits[split]["shards"] = len(mine)
-    return {"format": FORMAT, "version": VERSION, "dtype": token_dtype(vocab_size).name,
-            "vocab_size": int(vocab_size), "eos_id": int(eos_id), "tokenizer_sha256": tokenizer_sha256,
+    return {**meta_header(FORMAT, VERSION, vocab_size), "eos_id": int(eos_id), "tokenizer_sha256": tokenizer_sha256,
             "tokenizer_dir": TOKENIZER_SUBDIR, "splits": splits, "shards": shards, **extra}
-
-
-def write_meta(out_dir: str | Path, meta: dict) -> None:
-    """Written last, atomically: its presence is what makes a directory a usable shard directory."""
-    atomic_write_text(Path(out_dir) / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- reading
 
 
-class ShardDirectory:
-    """A verified shard directory: meta.json checked against the files, token arrays memory-mapped."""
+class ShardDirectory(ShardDir):
+    """A verified token shard directory: meta.json checked against the files, token arrays memory-mapped."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.meta = _read_meta(self.path)
-        self.dtype = np.dtype(self.meta["dtype"])
+    FORMAT, VERSION, KIND, A_KIND = FORMAT, VERSION, "token shard", "a token shard"
+
+    def no_meta_message(self) -> str:
+        path = self.path
+        if any(path.glob("*.bin")) or any(path.glob(".*.tmp-*")) or any(path.glob("done-*.json")):
+            return (f"{path}: half-written shard directory (no meta.json yet); "
+                    "rerun `zhllm data tokenize` with the same arguments to finish it")
+        return super().no_meta_message()
+
+    def check_meta(self, meta: dict) -> None:
+        if not meta.get("complete", True):
+            raise ZhllmError(f"{self.path}: tokenize job not finished ({meta.get('progress', 'some parts missing')}); "
+                             "run the missing parts, then use the directory")
+
+    def check_files(self) -> None:
         for shard in self.meta["shards"]:
-            self._check_sizes(shard)
-
-    def _check_sizes(self, shard: dict) -> None:
-        expected = {".bin": shard["tokens"] * self.dtype.itemsize, ".idx": shard["documents"] * 8}
-        for ext, size in expected.items():
-            f = self.path / f"{shard['name']}{ext}"
-            if not f.is_file():
-                raise ZhllmError(f"{self.path}: shard file {f.name} listed in meta.json is missing")
-            if f.stat().st_size != size:
-                raise ZhllmError(f"{self.path}: {f.name} has {f.stat().st_size} bytes, meta.json says {size} "
-                                 "(truncated or half-written shard)")
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
+            self.check_size(f"{shard['name']}.bin", shard["tokens"] * self.dtype.itemsize,
+                            "truncated or half-written shard")
+            self.check_size(f"{shard['name']}.idx", shard["documents"] * 8, "truncated or half-written shard")
 
     @property
     def eos_id(self) -> int:
         return int(self.meta["eos_id"])
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.path / self.meta.get("tokenizer_dir", TOKENIZER_SUBDIR)
 
     def shards(self, split: str) -> list[dict]:
         return [s for s in self.meta["shards"] if s["split"] == split and s["tokens"] > 0]
@@ -194,29 +163,6 @@ class ShardDirectory:
                 return np.asarray(self.tokens(shard["name"])[starts[k]:end])
             k -= shard["documents"]
         raise IndexError(f"{split} split has fewer documents than requested")
-
-
-def _read_meta(path: Path) -> dict:
-    if not path.is_dir():
-        raise ZhllmError(f"shard directory not found: {path}")
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
-        if any(path.glob("*.bin")) or any(path.glob(".*.tmp-*")) or any(path.glob("done-*.json")):
-            raise ZhllmError(f"{path}: half-written shard directory (no meta.json yet); "
-                             "rerun `zhllm data tokenize` with the same arguments to finish it")
-        raise ZhllmError(f"{path} is not a token shard directory (no meta.json)")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ZhllmError(f"{meta_file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ZhllmError(f"{path} is not a token shard directory (meta.json format is not {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise ZhllmError(f"{path}: shard format version {meta.get('version')} is not supported (need {VERSION})")
-    if not meta.get("complete", True):
-        raise ZhllmError(f"{path}: tokenize job not finished ({meta.get('progress', 'some parts missing')}); "
-                         "run the missing parts, then use the directory")
-    return meta
 
 
 def open_shard_dir(path: str | Path) -> ShardDirectory:
@@ -285,8 +231,7 @@ class PackedTokenDataset:
             raise ZhllmError("PackedTokenDataset needs at least one shard directory")
         if seq_len < 1:
             raise ZhllmError(f"seq_len must be positive, got {seq_len}")
-        if split not in SPLITS:
-            raise ZhllmError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+        check_split(split)
         self.dirs = [ShardDirectory(p) for p in paths]
         _check_compatible(self.dirs)
         self.seq_len, self.split, self.seed = int(seq_len), split, int(seed)

@@ -29,18 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ZhllmError
-from ..fsutil import atomic_directory, atomic_write_text
+from ..fsutil import atomic_write_text
 from ..pointers import resolve_model_dir
 from ..tokenizer.special import EOS
 from .ordered_pool import imap_ordered
-from .shards import (TOKENIZER_SUBDIR, VERSION, ShardWriter, build_meta, open_shard_dir, token_dtype,
-                     tokenizer_fingerprint, write_meta)
+from .shard_dir import TOKENIZER_SUBDIR, copy_tokenizer, token_dtype, tokenizer_fingerprint, write_meta
+from .shards import VERSION, ShardWriter, build_meta, open_shard_dir
 
 DEFAULT_SHARD_TOKENS = 2 ** 27  # 128 Mi tokens: 256 MB uint16 files, few enough for any file system
 DEFAULT_UNIT_CHARS = 262_144  # small enough to balance workers, big enough to amortise the hand-off
 TOKENIZE_COMMAND = "data tokenize"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -262,10 +260,7 @@ def _claim_directory(job: _Job, tokenizer_path: Path, inputs: list, overwrite: b
     if not job_file.exists():
         atomic_write_text(job_file, json.dumps(job.signature, indent=2, ensure_ascii=False) + "\n")
     if not (out / TOKENIZER_SUBDIR).is_dir():
-        with atomic_directory(out / TOKENIZER_SUBDIR) as tmp:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_path / name).is_file():
-                    shutil.copy2(tokenizer_path / name, tmp / name)
+        copy_tokenizer(tokenizer_path, out)
 
 
 def _work_units(texts: Iterable[str], unit_chars: int) -> Iterator[list[str]]:

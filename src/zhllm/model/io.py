@@ -15,12 +15,11 @@ import torch
 from ..errors import ZhllmError
 from ..fsutil import atomic_directory
 from ..pointers import resolve_model_dir
+from ..tokenizer.load import TOKENIZER_FILES
 from ..tokenizer.special import IM_END
 from .config import ModelConfig
 from .transformer import Transformer, rope_frequencies
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
 
