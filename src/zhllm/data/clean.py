@@ -130,7 +130,7 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-class ShardWriter:
+class JsonlShardWriter:
     """`part-00000.jsonl.gz`, ... with at most `docs_per_shard` documents each."""
 
     def __init__(self, out_dir: Path, docs_per_shard: int):
@@ -183,7 +183,7 @@ def clean_corpus(inputs: Iterable[str | Path] | str | Path, out_dir: str | Path,
                for text, rec in iter_text_records(files, field, strict, stats, txt_mode))
     start = time.perf_counter()
     with atomic_directory(out_dir, marker=CLEAN_COMMAND) as tmp:
-        writer = ShardWriter(tmp, cfg.docs_per_shard)
+        writer = JsonlShardWriter(tmp, cfg.docs_per_shard)
         try:
             counts = _run(records, cfg, workers, writer, progress)
         finally:
@@ -200,7 +200,7 @@ def _source(data: dict) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _run(records: Iterator[tuple[str, str | None]], cfg: CleanConfig, workers: int, writer: ShardWriter,
+def _run(records: Iterator[tuple[str, str | None]], cfg: CleanConfig, workers: int, writer: JsonlShardWriter,
          progress: bool) -> dict:
     from tqdm import tqdm
     counts = {"removed": Counter(), "changed": 0, "chars_in": 0, "chars_out": 0, "kept": 0, "by_source": {}}
@@ -262,7 +262,7 @@ class _Spill:
         source = -1 if doc.source is None else self.sources.setdefault(doc.source, len(self.sources))
         self._fh.write(f"{len(doc.text)}\t{source}\t".encode() + _json_line(doc))
 
-    def write_survivors(self, dedup: DiskDeduplicator, writer: ShardWriter, counts: dict, progress: bool) -> None:
+    def write_survivors(self, dedup: DiskDeduplicator, writer: JsonlShardWriter, counts: dict, progress: bool) -> None:
         from tqdm import tqdm
         self._fh.close()
         names = list(self.sources)
@@ -311,7 +311,7 @@ def _count_chars(records: Iterable[tuple[str, str | None]], counts: dict) -> Ite
         yield text, source
 
 
-def _keep_or_drop(doc: Prepared, dedup: Deduplicator, writer: ShardWriter, counts: dict) -> None:
+def _keep_or_drop(doc: Prepared, dedup: Deduplicator, writer: JsonlShardWriter, counts: dict) -> None:
     counts["changed"] += doc.changed
     reason = doc.reason or dedup.check(doc.key, doc.signature)
     if doc.source is not None:  # which sources lose most tells the user where their noise comes from
