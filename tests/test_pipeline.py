@@ -2,12 +2,15 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-from zhllm.pipeline import run_pipeline
+from zhllm.errors import ConfigError
+from zhllm.pipeline import load_pipeline_config, run_pipeline
 
 TINY = [
     "corpus.task_docs=40",
@@ -112,3 +115,62 @@ def test_bad_pipeline_config_is_one_line_error(tmp_path):
     bad.write_text("name: x\ntokeniser: {vocab_size: 10}\n")
     r = subprocess.run([sys.executable, "-m", "zhllm", "pipeline", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown key 'tokeniser'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_typo_in_a_recipe_fails_before_any_stage_runs(tmp_path):
+    run = tmp_path / "demo"
+    for key in ("pretrain.train.lrr", "sft.recipe.train.lrr"):
+        r = subprocess.run([sys.executable, "-m", "zhllm", "pipeline", str(DEMO), "--set", f"out_dir={run}",
+                            "--set", f"{key}=1"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert f"unknown key '{key}'" in r.stderr and "demo.yaml" in r.stderr
+        assert not run.exists()
+    # the recipes' own checks (ranges, validate) run at load time too, on the recipe as the stage will read it
+    with pytest.raises(ConfigError, match=r"demo\.yaml.*'pretrain\.train\.seq_len' must be >= 2"):
+        load_pipeline_config(DEMO, ["pretrain.train.seq_len=1"])
+    with pytest.raises(ConfigError, match="sft.recipe: the sft model section takes exactly `init_from: DIR`"):
+        load_pipeline_config(DEMO, ["sft.recipe.model.preset=tiny"])
+
+
+def test_eval_stage_measures_the_windows_of_the_typed_pretrain_recipe(tmp_path, monkeypatch):
+    import zhllm.eval.demo_tasks as demo_tasks
+    from zhllm.pipeline.runner import StageRunner
+    from zhllm.pipeline.stages import PipelineRun, evaluate
+    seen = []
+    monkeypatch.setattr(demo_tasks, "evaluate_pipeline_models",
+                        lambda models, shards, out, cfg, seq_len, seed, batch_size, batches, log: seen.append(
+                            (seq_len, batch_size, batches)) or {})
+    results = {"pretrain": {"checkpoint": "p"}, "tokenize": {"path": "s"}}
+    for extra, windows in ((["eval.val_batches=7"], (64, 4, 7)), ([], (64, 4, 2))):
+        cfg, recipes = load_pipeline_config(DEMO, overrides(tmp_path, "pretrain.eval.batches=2", *extra))
+        evaluate(PipelineRun(cfg, recipes, StageRunner(tmp_path, log=lambda m: None), results))
+        assert seen.pop() == windows
+
+
+def test_pretraining_stopped_by_sigterm_is_not_marked_done_and_the_next_run_resumes(tmp_path, monkeypatch, capsys):
+    from zhllm.cli import main
+    from zhllm.train.trainer import Trainer
+    step = Trainer.train_step
+
+    def step_then_sigterm(self):
+        r = step(self)
+        if self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler does; the trainer saves and returns early
+        return r
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    run = tmp_path / "demo"
+    args = ["pipeline", str(DEMO), "--until", "eval"]
+    for o in overrides(run, "pretrain.checkpoint.every=0"):
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pretrain stopped at step 3/6 (checkpoint saved); re-run the same command to resume" in err
+    assert (run / "pretrain" / "run" / "checkpoints" / "step_3").is_dir()
+    assert not (run / "pretrain" / "stage.json").exists() and not (run / "sft").exists()
+    monkeypatch.undo()
+    logs = []
+    results = run_pipeline(DEMO, overrides(run, "pretrain.checkpoint.every=0"), until="pretrain", log=logs.append)
+    assert any(line.startswith("[stage 5/5 pretrain] resuming") for line in logs)
+    assert results["pretrain"]["step"] == 6 and not results["pretrain"]["stopped_early"]
+    assert (run / "pretrain" / "stage.json").is_file()

@@ -1,7 +1,7 @@
 """Stage caching: skip when unchanged, re-run on a changed config or upstream, resume an interrupted stage."""
 import pytest
 
-from zhllm.stages import StageRunner
+from zhllm.pipeline.runner import StageRunner
 
 
 def run_chain(tmp_path, calls, a_cfg=1, b_cfg=1, force=False):

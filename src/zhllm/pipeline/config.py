@@ -1,25 +1,21 @@
-"""`zhllm pipeline CONFIG`: corpus -> clean -> tokenizer -> tokenize -> pretrain -> sft -> eval -> report.
+"""The pipeline's config: one YAML file with a section per stage, loaded and checked before any stage runs.
 
-Each stage calls the same library function as its single command, in its own directory of the run, and is
-cached by `stages.StageRunner`: a finished stage is skipped, a changed config or input re-runs it and what
-follows, and an interrupted stage resumes (pretraining and SFT from their last checkpoint).
+The pretrain and SFT recipes inside it are typed by their stages' own config classes here too (`typed_recipes`),
+so a typo in either fails when the file loads, naming the key, instead of after the four stages before them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import yaml
+from ..config import from_dict, load_config, merge
 
-from .config import load_config, merge, to_dict
-from .errors import ConfigError, ZhllmError
-from .fsutil import atomic_write_text
-from .stages import STARTED_FILE, StageRunner, files_fingerprint
+if TYPE_CHECKING:
+    from ..train.config import RunConfig
+    from ..train.sft import SftConfig
 
 BUILTIN_DEMO = "builtin:demo"
-STAGE_ORDER = ["corpus", "clean", "tokenizer", "tokenize", "pretrain", "sft", "eval", "report"]
-PIPELINE_COMMAND = "pipeline"
 
 
 @dataclass
@@ -68,6 +64,7 @@ class PipelineEvalSection:
 
 @dataclass
 class PipelineConfig:
+    """The file as written: the recipes stay plain mappings so the stages' fingerprints hash what the user wrote."""
     name: str = "demo"
     out_dir: str = "runs/demo"
     seed: int = 0
@@ -80,74 +77,41 @@ class PipelineConfig:
     eval: PipelineEvalSection = field(default_factory=PipelineEvalSection)
 
 
-def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    from .train.config import resolve_recipe
-    return load_config(PipelineConfig, resolve_recipe(path, "."), overrides)
+@dataclass(frozen=True)
+class StageRecipes:
+    """The recipes as their stages read them; only the paths the pipeline fills in (`*_paths`) differ."""
+    pretrain: RunConfig
+    sft: SftConfig
 
 
-def _recipe_file(stage_dir: Path, recipe: dict, filled: dict) -> Path:
-    """Write the stage's recipe with the pipeline's paths filled in; the stage reads it like any recipe."""
-    path = stage_dir / "recipe.yaml"
-    atomic_write_text(path, yaml.safe_dump(merge(recipe, filled), allow_unicode=True, sort_keys=False))
-    return path
+def pretrain_paths(shards: str, run_dir: str) -> dict:
+    """What the pipeline writes into the pretrain recipe when the stage runs: its data and its run directory."""
+    return {"data": {"path": [shards]}, "out_dir": run_dir}
 
 
-def _resume_flag(out_dir: Path) -> str | None:
-    from .train.state import checkpoint_dirs
-    return "auto" if checkpoint_dirs(out_dir / "checkpoints") else None
+def sft_paths(init_from: str, inputs: list[str], run_dir: str) -> dict:
+    """What the pipeline writes into the SFT recipe: the pretrained checkpoint, the chat files, the run directory."""
+    return {"model": {"init_from": init_from}, "data": {"path": inputs}, "out_dir": run_dir}
 
 
-def final_checkpoint(run_dir: Path) -> Path:
-    from .train.state import resolve_resume
-    ckpt = resolve_resume("auto", run_dir / "checkpoints")
-    if ckpt is None:
-        raise ZhllmError(f"{run_dir}: the run finished without a checkpoint")
-    return ckpt
+def typed_recipes(cfg: PipelineConfig, source: str) -> StageRecipes:
+    """Both recipes built into their stages' config classes and validated as `zhllm pretrain` / `zhllm sft` do,
+    with placeholders for the paths only a finished earlier stage knows.
+
+    The one place that knows how a stage types its recipe: when train/ changes that, only this changes."""
+    from ..train.config import RunConfig
+    from ..train.sft import SftConfig
+    pretrain = merge(cfg.pretrain, pretrain_paths("<tokenize stage's shards>", "<pretrain stage's run>"))
+    sft = merge(cfg.sft.recipe, sft_paths("<pretrain stage's checkpoint>", ["<sft inputs>"], "<sft stage's run>"))
+    return StageRecipes(
+        pretrain=from_dict(RunConfig, pretrain, source, "pretrain.").validate(f"{source}, pretrain"),
+        sft=from_dict(SftConfig, sft, source, "sft.recipe.").validate(f"{source}, sft.recipe"))
 
 
-def run_pipeline(config: str | Path, overrides: list[str] | None = None, force: bool = False,
-                 until: str | None = None, log=print, overwrite: bool = False) -> dict:
-    """Run (or resume) every stage up to `until`; returns {stage: summary}.
-    `out_dir` follows outputs.py: a new or empty directory, or an earlier pipeline run (`overwrite`: also
-    another zhllm command's output, which is replaced)."""
-    cfg = load_pipeline_config(config, overrides)
-    if until is not None and until not in STAGE_ORDER:
-        raise ConfigError(f"--until {until!r}: choose one of {', '.join(STAGE_ORDER)}")
-    from . import pipeline_stages as ps
-    from .outputs import claim_output_dir
-    run = Path(cfg.out_dir)
-    inputs = [i for i in cfg.corpus.inputs + cfg.sft.inputs if i != BUILTIN_DEMO]
-    claim_output_dir(run, PIPELINE_COMMAND, inputs=[*inputs, cfg.tokenizer.path, cfg.clean.config],
-                     overwrite=overwrite, flag="out_dir", recognise=_is_run_dir)
-    last = STAGE_ORDER.index(until) if until else len(STAGE_ORDER) - 1
-    plan = [n for n in STAGE_ORDER[:last + 1] if n != "sft" or cfg.sft.enabled]
-    runner = StageRunner(run, force=force, log=log, plan=plan)
-    atomic_write_text(run / "pipeline.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
-    steps = [ps.corpus, ps.clean, ps.tokenizer, ps.tokenize, ps.pretrain, ps.sft, ps.evaluate, ps.report]
-    upstream: list[str] = []
-    results: dict = {}
-    for name, step in zip(STAGE_ORDER[:last + 1], steps):
-        if name == "sft" and not cfg.sft.enabled:
-            continue
-        outcome = step(runner, cfg, upstream, results)
-        results[name] = outcome.summary
-        upstream = upstream + [outcome.fingerprint]
-    return results
-
-
-def _is_run_dir(d: Path) -> bool:
-    """A run directory written before outputs carried a marker: its config plus a stage the runner started."""
-    return (d / "pipeline.yaml").is_file() and any((d / s / STARTED_FILE).is_file() for s in STAGE_ORDER)
-
-
-def input_fingerprint(inputs: list[str]) -> list:
-    from .corpus.readers import expand_inputs
-    real = [i for i in inputs if i != BUILTIN_DEMO]
-    out: list = [i for i in inputs if i == BUILTIN_DEMO]
-    if BUILTIN_DEMO in inputs:
-        from .demo import prose_files
-        out.append(files_fingerprint(prose_files()))
-    if real:
-        out.append(files_fingerprint(expand_inputs(real)))
-    return out
-
+def load_pipeline_config(path: str | Path, overrides: list[str] | None = None
+                         ) -> tuple[PipelineConfig, StageRecipes]:
+    """The config (a path, or a packaged name like `demo`) with its `--set` overrides, and its typed recipes."""
+    from ..train.config import resolve_recipe
+    path = resolve_recipe(path, ".")
+    cfg = load_config(PipelineConfig, path, overrides)
+    return cfg, typed_recipes(cfg, str(path) + (" (with --set overrides)" if overrides else ""))

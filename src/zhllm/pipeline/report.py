@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from .fsutil import atomic_write_text
+from ..fsutil import atomic_write_text
 
 
 def _rel(path: str | Path, base: Path) -> str:
@@ -19,7 +19,7 @@ def _fmt(x, digits: int = 4) -> str:
 
 
 def _model_line(checkpoint: str) -> str:
-    from .model.io import read_model_config
+    from ..model.io import read_model_config
     c = read_model_config(checkpoint)
     return (f"{c.arch}, {c.num_params() / 1e6:.2f}M parameters (dim {c.dim}, {c.n_layers} layers, "
             f"{c.n_heads} heads / {c.n_kv_heads} KV heads, FFN {c.ffn_dim}, vocab {c.vocab_size})")
@@ -27,9 +27,9 @@ def _model_line(checkpoint: str) -> str:
 
 def _last_eval(summary: dict) -> dict | None:
     """The training run's last periodic eval (step, val_loss, val_windows) and the precision it ran in."""
-    from .errors import ZhllmError
-    from .train.metrics import read_metrics
-    from .train.state import load_trainer_state
+    from ..errors import ZhllmError
+    from ..train.metrics import read_metrics
+    from ..train.state import load_trainer_state
     try:
         evals = [r for r in read_metrics(summary["run_dir"]) if r.get("kind") == "eval" and "val_loss" in r]
         precision = load_trainer_state(Path(summary["checkpoint"])).precision
@@ -65,7 +65,7 @@ def _eval_notes(ev: dict, results: dict) -> list[str]:
 
 
 def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
-    from .train.metrics import plot_run
+    from ..train.metrics import plot_run
     lines = [f"# zhllm pipeline report: {cfg.name}", ""]
     lines += ["## What ran", "", f"Config: `{_rel(run_dir / 'pipeline.yaml', run_dir)}` (resolved).", "",
               "| stage | status | time (s) |", "|---|---|---:|"]

@@ -1,4 +1,4 @@
-"""Cached, resumable stages for `zhllm pipeline`.
+"""Cached, resumable stages: the mechanism under `zhllm pipeline`, knowing nothing of which stages there are.
 
 A stage's fingerprint hashes its own config and the fingerprints of what it reads (upstream stages or input
 files), so a changed config or input re-runs that stage and everything after it, and nothing else.
@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ZhllmError
-from .fsutil import atomic_write_text
+from ..errors import ZhllmError
+from ..fsutil import atomic_write_text
 
 DONE_FILE = "stage.json"
 STARTED_FILE = ".stage-started"

@@ -1,127 +1,223 @@
-"""The bodies of the pipeline's stages. Each calls the library function behind the matching single command.
+"""The pipeline's stages in order, and `run_pipeline`, which walks them.
 
-Every function has the shape `stage(runner, cfg, upstream, results) -> StageOutcome`: `upstream` holds the
-fingerprints of the stages before it, `results` their summaries (paths of what they produced).
+Each stage body has the shape `body(run: PipelineRun) -> StageOutcome`: it calls the library function behind
+the matching single command, in its own directory of the run, through `run.runner.run(name, its config, what it
+reads, fn)`, which caches it. A new stage is a body here and its entry in STAGES (plus its section in config.py
+and, if it reports anything, a part in report.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from .config import to_dict
-from .pipeline import (BUILTIN_DEMO, PipelineConfig, _recipe_file, _resume_flag, final_checkpoint,
-                       input_fingerprint)
-from .stages import StageRunner
+import yaml
+
+from ..config import merge, to_dict
+from ..errors import ConfigError, ZhllmError
+from ..fsutil import atomic_write_text
+from .config import (BUILTIN_DEMO, PipelineConfig, StageRecipes, load_pipeline_config, pretrain_paths,
+                     sft_paths)
+from .runner import STARTED_FILE, StageOutcome, StageRunner, files_fingerprint
+
+PIPELINE_COMMAND = "pipeline"
 
 
-def corpus(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: dict):
-    c = cfg.corpus
+@dataclass
+class PipelineRun:
+    """What a stage body sees: the config, its typed recipes, the runner, and what the stages before it made."""
+    cfg: PipelineConfig
+    recipes: StageRecipes
+    runner: StageRunner
+    results: dict = field(default_factory=dict)         # stage name -> summary (paths of what it produced)
+    upstream: list[str] = field(default_factory=list)   # fingerprints of the stages run so far
+
+
+def corpus(run: PipelineRun) -> StageOutcome:
+    c, seed = run.cfg.corpus, run.cfg.seed
 
     def fn(d: Path) -> dict:
         files = []
         if BUILTIN_DEMO in c.inputs:
-            from .demo import write_demo_corpus
-            files += [str(p) for p in write_demo_corpus(d, c.task_docs, cfg.seed)]
+            from ..demo import write_demo_corpus
+            files += [str(p) for p in write_demo_corpus(d, c.task_docs, seed)]
         files += [i for i in c.inputs if i != BUILTIN_DEMO]
         return {"files": files, "field": c.field}
 
-    return runner.run("corpus", [to_dict(c), cfg.seed], input_fingerprint(c.inputs), fn)
+    return run.runner.run("corpus", [to_dict(c), seed], _input_fingerprint(c.inputs), fn)
 
 
-def clean(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: dict):
-    from .data.clean import clean_corpus, format_clean_report, load_clean_config
+def clean(run: PipelineRun) -> StageOutcome:
+    from ..data.clean import clean_corpus, format_clean_report, load_clean_config
+    c, corpus_out = run.cfg.clean, run.results["corpus"]
 
     def fn(d: Path) -> dict:
-        ccfg = load_clean_config(cfg.clean.config, cfg.clean.set)
         out = d / "data"
-        report = clean_corpus(results["corpus"]["files"], out, ccfg, field=results["corpus"]["field"],
-                              workers=cfg.clean.workers)
-        runner.log(format_clean_report(report))
+        report = clean_corpus(corpus_out["files"], out, load_clean_config(c.config, c.set),
+                              field=corpus_out["field"], workers=c.workers)
+        run.runner.log(format_clean_report(report))
         return {"path": str(out), "report": report}
 
-    return runner.run("clean", to_dict(cfg.clean), upstream, fn)
+    return run.runner.run("clean", to_dict(c), run.upstream, fn)
 
 
-def tokenizer(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: dict):
-    t = cfg.tokenizer
+def tokenizer(run: PipelineRun) -> StageOutcome:
+    t = run.cfg.tokenizer
 
     def fn(d: Path) -> dict:
         if t.path:
-            from .tokenizer.load import load_tokenizer
+            from ..tokenizer.load import load_tokenizer
             return {"path": t.path, "vocab_size": len(load_tokenizer(t.path)), "trained": False}
-        from .tokenizer.train import train_tokenizer
-        rep = train_tokenizer([results["clean"]["path"]], d / "tokenizer", t.vocab_size, max_chars=t.max_chars,
-                              backend=t.backend, seed=cfg.seed)
-        runner.log(rep.format() if hasattr(rep, "format") else str(rep))
+        from ..tokenizer.train import train_tokenizer
+        rep = train_tokenizer([run.results["clean"]["path"]], d / "tokenizer", t.vocab_size,
+                              max_chars=t.max_chars, backend=t.backend, seed=run.cfg.seed)
+        run.runner.log(rep.format() if hasattr(rep, "format") else str(rep))
         return {"path": str(d / "tokenizer"), "vocab_size": rep.vocab_size, "trained": True,
                 "chars_per_token": rep.heldout_chars_per_token, "chars_trained": rep.chars_trained}
 
-    return runner.run("tokenizer", to_dict(t), upstream + [cfg.seed], fn)
+    return run.runner.run("tokenizer", to_dict(t), run.upstream + [run.cfg.seed], fn)
 
 
-def tokenize(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: dict):
-    from .data.tokenize import tokenize_corpus
+def tokenize(run: PipelineRun) -> StageOutcome:
+    from ..data.tokenize import tokenize_corpus
+    t = run.cfg.tokenize
 
     def fn(d: Path) -> dict:
         out = d / "shards"
-        rep = tokenize_corpus([results["clean"]["path"]], results["tokenizer"]["path"], out,
-                              val_fraction=cfg.tokenize.val_fraction, workers=cfg.tokenize.workers or None)
+        rep = tokenize_corpus([run.results["clean"]["path"]], run.results["tokenizer"]["path"], out,
+                              val_fraction=t.val_fraction, workers=t.workers or None)
         return {"path": str(out), "splits": rep.splits}
 
-    return runner.run("tokenize", to_dict(cfg.tokenize), upstream, fn)
+    return run.runner.run("tokenize", to_dict(t), run.upstream, fn)
 
 
-def pretrain(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: dict):
-    from .train.pretrain import run_pretrain
+def pretrain(run: PipelineRun) -> StageOutcome:
+    from ..train.pretrain import run_pretrain
 
     def fn(d: Path) -> dict:
         run_dir = d / "run"
-        recipe = _recipe_file(d, cfg.pretrain, {"data": {"path": [results["tokenize"]["path"]]},
-                                                "out_dir": str(run_dir)})
-        summary = run_pretrain(recipe, resume=_resume_flag(run_dir))
-        return {**summary, "run_dir": str(run_dir), "checkpoint": str(final_checkpoint(run_dir))}
+        recipe = _recipe_file(d, run.cfg.pretrain, pretrain_paths(run.results["tokenize"]["path"], str(run_dir)))
+        summary = _finished("pretrain", run_pretrain(recipe, resume=_resume_flag(run_dir)))
+        return {**summary, "run_dir": str(run_dir), "checkpoint": str(_final_checkpoint(run_dir))}
 
-    return runner.run("pretrain", cfg.pretrain, upstream, fn)
+    return run.runner.run("pretrain", run.cfg.pretrain, run.upstream, fn)
 
 
-def sft(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: dict):
-    from .train.sft import run_sft
-    s = cfg.sft
+def sft(run: PipelineRun) -> StageOutcome:
+    from ..train.sft import run_sft
+    s = run.cfg.sft
 
     def fn(d: Path) -> dict:
         inputs = [i for i in s.inputs if i != BUILTIN_DEMO]
         if BUILTIN_DEMO in s.inputs:
-            from .demo import write_demo_sft
-            inputs.append(str(write_demo_sft(d / "demo_sft.jsonl", s.demo_conversations, cfg.seed)))
+            from ..demo import write_demo_sft
+            inputs.append(str(write_demo_sft(d / "demo_sft.jsonl", s.demo_conversations, run.cfg.seed)))
         run_dir = d / "run"
-        recipe = _recipe_file(d, s.recipe, {"model": {"init_from": results["pretrain"]["checkpoint"]},
-                                            "data": {"path": inputs}, "out_dir": str(run_dir)})
-        summary = run_sft(recipe, resume=_resume_flag(run_dir))
-        return {**summary, "run_dir": str(run_dir), "checkpoint": str(final_checkpoint(run_dir))}
+        recipe = _recipe_file(d, s.recipe, sft_paths(run.results["pretrain"]["checkpoint"], inputs, str(run_dir)))
+        summary = _finished("sft", run_sft(recipe, resume=_resume_flag(run_dir)))
+        return {**summary, "run_dir": str(run_dir), "checkpoint": str(_final_checkpoint(run_dir))}
 
-    return runner.run("sft", to_dict(s), upstream + input_fingerprint([i for i in s.inputs]), fn)
+    return run.runner.run("sft", to_dict(s), run.upstream + _input_fingerprint(s.inputs), fn)
 
 
-def evaluate(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: dict):
-    from .eval.demo_tasks import evaluate_pipeline_models, pretrain_eval_windows
+def evaluate(run: PipelineRun) -> StageOutcome:
+    from ..eval.demo_tasks import evaluate_pipeline_models
+    e, trained = run.cfg.eval, run.recipes.pretrain
 
     def fn(d: Path) -> dict:
-        models = {"pretrain": results["pretrain"]["checkpoint"]}
-        if "sft" in results:
-            models["sft"] = results["sft"]["checkpoint"]
+        models = {"pretrain": run.results["pretrain"]["checkpoint"]}
+        if "sft" in run.results:
+            models["sft"] = run.results["sft"]["checkpoint"]
         # the windows of pretraining's periodic eval, so its last val loss and this one measure the same text
-        seq_len, batch_size, batches = pretrain_eval_windows(results["pretrain"]["run_dir"])
-        return evaluate_pipeline_models(models, results["tokenize"]["path"], d, cfg.eval, seq_len, cfg.seed,
-                                        batch_size, cfg.eval.val_batches or batches, log=runner.log)
+        return evaluate_pipeline_models(models, run.results["tokenize"]["path"], d, e, trained.train.seq_len,
+                                        run.cfg.seed, trained.train.batch_size, e.val_batches or trained.eval.batches,
+                                        log=run.runner.log)
 
-    return runner.run("eval", to_dict(cfg.eval), upstream, fn)
+    return run.runner.run("eval", to_dict(e), run.upstream, fn)
 
 
-def report(runner: StageRunner, cfg: PipelineConfig, upstream: list[str], results: dict):
+def report(run: PipelineRun) -> StageOutcome:
     from .report import write_report
 
     def fn(d: Path) -> dict:
-        path = write_report(Path(cfg.out_dir), cfg, results, runner.outcomes)
-        runner.log(f"report: {path}")
+        path = write_report(Path(run.cfg.out_dir), run.cfg, run.results, run.runner.outcomes)
+        run.runner.log(f"report: {path}")
         return {"path": str(path)}
 
-    return runner.run("report", [cfg.name], upstream, fn)
+    return run.runner.run("report", [run.cfg.name], run.upstream, fn)
+
+
+STAGES: dict[str, Callable[[PipelineRun], StageOutcome]] = {
+    "corpus": corpus, "clean": clean, "tokenizer": tokenizer, "tokenize": tokenize, "pretrain": pretrain,
+    "sft": sft, "eval": evaluate, "report": report}
+STAGE_ORDER = list(STAGES)
+
+
+def run_pipeline(config: str | Path, overrides: list[str] | None = None, force: bool = False,
+                 until: str | None = None, log=print, overwrite: bool = False) -> dict:
+    """Run (or resume) every stage up to `until`; returns {stage: summary}.
+    `out_dir` follows outputs.py: a new or empty directory, or an earlier pipeline run (`overwrite`: also
+    another zhllm command's output, which is replaced)."""
+    from ..outputs import claim_output_dir
+    cfg, recipes = load_pipeline_config(config, overrides)
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until {until!r}: choose one of {', '.join(STAGE_ORDER)}")
+    out = Path(cfg.out_dir)
+    inputs = [i for i in cfg.corpus.inputs + cfg.sft.inputs if i != BUILTIN_DEMO]
+    claim_output_dir(out, PIPELINE_COMMAND, inputs=[*inputs, cfg.tokenizer.path, cfg.clean.config],
+                     overwrite=overwrite, flag="out_dir", recognise=_is_run_dir)
+    last = STAGE_ORDER.index(until) if until else len(STAGE_ORDER) - 1
+    plan = [n for n in STAGE_ORDER[:last + 1] if n != "sft" or cfg.sft.enabled]
+    run = PipelineRun(cfg, recipes, StageRunner(out, force=force, log=log, plan=plan))
+    atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
+    for name in plan:
+        outcome = STAGES[name](run)
+        run.results[name] = outcome.summary
+        run.upstream = run.upstream + [outcome.fingerprint]
+    return run.results
+
+
+def _is_run_dir(d: Path) -> bool:
+    """A run directory written before outputs carried a marker: its config plus a stage the runner started."""
+    return (d / "pipeline.yaml").is_file() and any((d / s / STARTED_FILE).is_file() for s in STAGE_ORDER)
+
+
+def _input_fingerprint(inputs: list[str]) -> list:
+    from ..corpus.readers import expand_inputs
+    real = [i for i in inputs if i != BUILTIN_DEMO]
+    out: list = [i for i in inputs if i == BUILTIN_DEMO]
+    if BUILTIN_DEMO in inputs:
+        from ..demo import prose_files
+        out.append(files_fingerprint(prose_files()))
+    if real:
+        out.append(files_fingerprint(expand_inputs(real)))
+    return out
+
+
+def _recipe_file(stage_dir: Path, recipe: dict, filled: dict) -> Path:
+    """Write the stage's recipe with the pipeline's paths filled in; the stage reads it like any recipe."""
+    path = stage_dir / "recipe.yaml"
+    atomic_write_text(path, yaml.safe_dump(merge(recipe, filled), allow_unicode=True, sort_keys=False))
+    return path
+
+
+def _resume_flag(run_dir: Path) -> str | None:
+    from ..train.state import checkpoint_dirs
+    return "auto" if checkpoint_dirs(run_dir / "checkpoints") else None
+
+
+def _finished(stage: str, summary: dict) -> dict:
+    """A training run stopped early (SIGTERM, Ctrl-C) saved a checkpoint but is not done: the stage must not be
+    marked finished, or the next run would skip it and go on with a half-trained model."""
+    if summary.get("stopped_early"):
+        raise ZhllmError(f"{stage} stopped at step {summary['step']}/{summary['max_steps']} (checkpoint saved); "
+                         "re-run the same command to resume")
+    return summary
+
+
+def _final_checkpoint(run_dir: Path) -> Path:
+    from ..train.state import resolve_resume
+    ckpt = resolve_resume("auto", run_dir / "checkpoints")
+    if ckpt is None:
+        raise ZhllmError(f"{run_dir}: the run finished without a checkpoint")
+    return ckpt
