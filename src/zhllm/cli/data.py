@@ -34,8 +34,23 @@ def register(root, groups) -> None:
                    help="override a setting, e.g. --set t2s=true --set quality.min_chars=50 --set dedup.threshold=0.7")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for normalisation, filters and MinHash (default: all cores)")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="split the job across this many machines: --out gets this machine's part, undecided; "
+                        "`zhllm data clean-merge` then deduplicates all parts into the output")
+    p.add_argument("--shard-index", type=int, default=None, help="which part this machine does (0-based)")
     add_progress_flag(p)
     p.set_defaults(func=_clean)
+
+    p = groups["data"].add_parser(
+        "clean-merge", help="merge the parts of a split `data clean` into its output",
+        description="Deduplicate the parts written by `zhllm data clean --num-shards K --shard-index I` (all K "
+                    "of them, same inputs and settings) over the whole input and write OUT/part-*.jsonl.gz and "
+                    "OUT/report.json: the same bytes as one `zhllm data clean` of the inputs.")
+    p.add_argument("--parts", nargs="+", required=True, metavar="DIR", help="the K part directories, any order")
+    p.add_argument("--out", "-o", required=True, help="output directory (replaced atomically when done)")
+    add_overwrite_flag(p)
+    add_progress_flag(p)
+    p.set_defaults(func=_clean_merge)
 
     p = groups["data"].add_parser(
         "tokenize-sft", help="encode chat files once into SFT shards that `zhllm sft` reads without encoding",
@@ -65,12 +80,31 @@ def register(root, groups) -> None:
 
 def _clean(args) -> None:
     from ..data.clean import clean_corpus, format_clean_report, load_clean_config
+    from ..errors import ZhllmError
     cfg = load_clean_config(args.config, args.overrides)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
-    report = clean_corpus(args.input, args.out, cfg, field=args.field, strict=args.strict,
-                          txt_mode=args.txt_mode, workers=workers, progress=not args.no_progress,
-                          overwrite=args.overwrite)
-    print(format_clean_report(report))
+    if args.num_shards is None:
+        if args.shard_index is not None:
+            raise ZhllmError("--shard-index needs --num-shards (how many parts the job is split into)")
+        report = clean_corpus(args.input, args.out, cfg, field=args.field, strict=args.strict,
+                              txt_mode=args.txt_mode, workers=workers, progress=not args.no_progress,
+                              overwrite=args.overwrite)
+        print(format_clean_report(report))
+        return
+    from ..data.clean_split import clean_part, format_part_summary
+    if args.shard_index is None:
+        raise ZhllmError("--num-shards needs --shard-index (which part this machine does, 0-based)")
+    info = clean_part(args.input, args.out, args.num_shards, args.shard_index, cfg, field=args.field,
+                      strict=args.strict, txt_mode=args.txt_mode, workers=workers, progress=not args.no_progress,
+                      overwrite=args.overwrite)
+    print(format_part_summary(info, args.out))
+
+
+def _clean_merge(args) -> None:
+    from ..data.clean import format_clean_report
+    from ..data.clean_split import merge_clean_parts
+    print(format_clean_report(merge_clean_parts(args.parts, args.out, progress=not args.no_progress,
+                                                overwrite=args.overwrite)))
 
 
 def _tokenize_sft(a) -> None:

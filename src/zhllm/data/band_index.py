@@ -9,7 +9,7 @@ range, and memory stays at a few times one range's pairs whatever the total.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,20 @@ class SortedRuns:
         self.runs.append((path, self._n))
         self.total += self._n
         self._n = 0
+
+    def adopt(self, path: Path, pairs: int, map_values: Callable[[np.ndarray], np.ndarray],
+              chunk: int = 1 << 20) -> None:
+        """Add a run file of another SortedRuns (`pairs` pairs) as a run of this one, each value replaced by
+        `map_values(value)`. The keys are copied as they are, so the run stays sorted; copied in chunks."""
+        self.flush()
+        out = self.directory / f"{self.name}-{len(self.runs):05d}.bin"
+        with open(path, "rb") as src, open(out, "wb") as dst:
+            for transform in (None, map_values):
+                for start in range(0, pairs, chunk):
+                    part = np.fromfile(src, np.uint64, min(chunk, pairs - start))
+                    (part if transform is None else transform(part)).astype(np.uint64, copy=False).tofile(dst)
+        self.runs.append((out, pairs))
+        self.total += pairs
 
     def close(self) -> None:
         """Write the last run and free the buffer (reading needs only the runs)."""

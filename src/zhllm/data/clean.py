@@ -16,10 +16,13 @@ import multiprocessing
 import shutil
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
+
+import numpy as np
 
 from ..config import load_config
 from ..errors import ConfigError, ZhllmError
@@ -190,7 +193,7 @@ def clean_corpus(inputs: Iterable[str | Path] | str | Path, out_dir: str | Path,
             writer.close()
         if stats.docs == 0:
             raise ZhllmError(f"no documents read from {', '.join(map(str, files))} ({stats.summary().splitlines()[0]})")
-        report = _report(files, cfg, stats, counts, writer.shards, time.perf_counter() - start)
+        report = _report(files, asdict(cfg), stats, counts, writer.shards, time.perf_counter() - start)
         atomic_write_text(tmp / "report.json", json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     return report
 
@@ -200,42 +203,39 @@ def _source(data: dict) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def new_counts() -> dict:
+    """What `_run` and the parts of a split run count, before the report adds them up."""
+    return {"removed": Counter(), "changed": 0, "chars_in": 0, "chars_out": 0, "kept": 0, "by_source": {}}
+
+
 def _run(records: Iterator[tuple[str, str | None]], cfg: CleanConfig, workers: int, writer: JsonlShardWriter,
          progress: bool) -> dict:
     from tqdm import tqdm
-    counts = {"removed": Counter(), "changed": 0, "chars_in": 0, "chars_out": 0, "kept": 0, "by_source": {}}
+    counts = new_counts()
     # Inside the staging directory, so a failed or killed run takes it along; removed before the rename.
     work = writer.out_dir / ".dedup-work"
     spill = None
     try:
         if _on_disk(cfg):
             work.mkdir()
-            dedup, spill = DiskDeduplicator(cfg.dedup, work), _Spill(work / "candidates.jsonl")
+            dedup, spill = DiskDeduplicator(cfg.dedup, work), Spill(work / "candidates.jsonl")
         else:
             dedup = Deduplicator(cfg.dedup)
-        pool = _pool_context().Pool(workers, *guarded_initializer(_init_worker, (cfg,))) if workers > 1 else None
-        _init_worker(cfg)
-        try:
-            batches = _batches(_count_chars(records, counts), _BATCH)
-            prepared = _bounded_imap(pool, batches, 4 * workers) if pool else map(_prepare_batch, batches)
-            with tqdm(desc="clean", unit="doc", disable=not progress, smoothing=0.1) as bar:
-                for batch in prepared:
-                    for doc in batch:
-                        if spill is not None:
-                            spill.add(doc, dedup, counts)
-                        else:
-                            _keep_or_drop(doc, dedup, writer, counts)
-                    bar.update(len(batch))
+        with prepared_batches(_count_chars(records, counts), cfg, workers) as prepared, \
+                tqdm(desc="clean", unit="doc", disable=not progress, smoothing=0.1) as bar:
+            for batch in prepared:
+                for doc in batch:
                     if spill is not None:
-                        bar.set_postfix_str(f"candidates={dedup.docs:,}", refresh=False)
+                        spill.add(doc, dedup, counts)
                     else:
-                        bar.set_postfix_str(f"kept={counts['kept']:,}", refresh=False)
-        finally:
-            if pool:
-                pool.terminate()
-                pool.join()
+                        _keep_or_drop(doc, dedup, writer, counts)
+                bar.update(len(batch))
+                if spill is not None:
+                    bar.set_postfix_str(f"candidates={dedup.docs:,}", refresh=False)
+                else:
+                    bar.set_postfix_str(f"kept={counts['kept']:,}", refresh=False)
         if spill is not None:
-            spill.write_survivors(dedup, writer, counts, progress)
+            write_survivors(spill.lines(), dedup.verdicts(), writer, counts, progress, dedup.docs)
     finally:
         if spill is not None:
             spill.close()
@@ -243,47 +243,93 @@ def _run(records: Iterator[tuple[str, str | None]], cfg: CleanConfig, workers: i
     return counts
 
 
-class _Spill:
-    """Documents that passed the filters, as `chars<TAB>source index<TAB>output JSON line`, awaiting verdicts."""
+@contextmanager
+def prepared_batches(records: Iterator[tuple[str, str | None]], cfg: CleanConfig,
+                     workers: int) -> Iterator[Iterator[list[Prepared]]]:
+    """`prepare_document` of every (text, source) record, in batches, in input order, from `workers` processes."""
+    pool = _pool_context().Pool(workers, *guarded_initializer(_init_worker, (cfg,))) if workers > 1 else None
+    _init_worker(cfg)
+    try:
+        batches = _batches(records, _BATCH)
+        yield _bounded_imap(pool, batches, 4 * workers) if pool else map(_prepare_batch, batches)
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+
+
+class Spill:
+    """Documents that passed the filters, as `chars<TAB>source index<TAB>output JSON line`, awaiting verdicts;
+    `sources` maps source names to the indexes written."""
 
     def __init__(self, path: Path):
         self.path = path
         self._fh = open(path, "wb")
         self.sources: dict[str, int] = {}
+        self.docs = 0
 
-    def add(self, doc: Prepared, dedup: DiskDeduplicator, counts: dict) -> None:
+    def add(self, doc: Prepared, dedup: DiskDeduplicator | None, counts: dict) -> bool:
+        """Count `doc`; spill it and give `dedup` its keys when it passed the filters (then return True)."""
         counts["changed"] += doc.changed
         if doc.source is not None:
             counts["by_source"].setdefault(doc.source, {"in": 0, "kept": 0})["in"] += 1
         if doc.reason:
             counts["removed"][doc.reason] += 1
-            return
-        dedup.add(doc.keys)
+            return False
+        if dedup is not None:
+            dedup.add(doc.keys)
         source = -1 if doc.source is None else self.sources.setdefault(doc.source, len(self.sources))
         self._fh.write(f"{len(doc.text)}\t{source}\t".encode() + _json_line(doc))
+        self.docs += 1
+        return True
 
-    def write_survivors(self, dedup: DiskDeduplicator, writer: JsonlShardWriter, counts: dict, progress: bool) -> None:
-        from tqdm import tqdm
+    def lines(self) -> Iterator[tuple[int, str | None, bytes]]:
+        """The spilled documents in order, as `parse_spilled` returns them."""
         self._fh.close()
         names = list(self.sources)
-        with open(self.path, "rb") as fh, tqdm(total=dedup.docs, desc="dedup", unit="doc", disable=not progress,
-                                                 smoothing=0.1) as bar:
-            for verdicts in dedup.verdicts():
-                for verdict in verdicts.tolist():
-                    chars, source, line = fh.readline().split(b"\t", 2)
-                    if verdict:
-                        counts["removed"][REASONS[verdict]] += 1
-                        continue
-                    writer.write_line(line, int(chars))
-                    counts["kept"] += 1
-                    counts["chars_out"] += int(chars)
-                    if source != b"-1":
-                        counts["by_source"][names[int(source)]]["kept"] += 1
-                bar.update(len(verdicts))
-                bar.set_postfix_str(f"kept={counts['kept']:,}", refresh=False)
+        with open(self.path, "rb") as fh:
+            for raw in fh:
+                yield parse_spilled(raw, names)
 
     def close(self) -> None:
         self._fh.close()
+
+
+def parse_spilled(raw: bytes, names: list[str]) -> tuple[int, str | None, bytes]:
+    """(characters, source name, output JSON line) of one spilled line; `names` are the spill's sources."""
+    chars, source, line = raw.split(b"\t", 2)
+    return int(chars), None if source == b"-1" else names[int(source)], line
+
+
+def write_survivors(lines: Iterator[tuple[int, str | None, bytes]], verdicts: Iterator[np.ndarray],
+                    writer: JsonlShardWriter, counts: dict, progress: bool, total: int) -> None:
+    """Write the spilled `lines` whose verdict (dedup.KEEP, ...; in chunks, same order) keeps them; count the rest."""
+    from tqdm import tqdm
+    with tqdm(total=total, desc="dedup", unit="doc", disable=not progress, smoothing=0.1) as bar:
+        for chunk in verdicts:
+            for verdict in chunk.tolist():
+                chars, source, line = next(lines)
+                if verdict:
+                    counts["removed"][REASONS[verdict]] += 1
+                    continue
+                writer.write_line(line, chars)
+                counts["kept"] += 1
+                counts["chars_out"] += chars
+                if source is not None:
+                    counts["by_source"][source]["kept"] += 1
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"kept={counts['kept']:,}", refresh=False)
+
+
+def write_kept_shards(out_dir: Path, docs_per_shard: int, lines: Iterator[tuple[int, str | None, bytes]],
+                      verdicts: Iterator[np.ndarray], counts: dict, progress: bool, total: int) -> list[dict]:
+    """`write_survivors` into new shards in `out_dir`; returns report.json's `shards` entries."""
+    writer = JsonlShardWriter(out_dir, docs_per_shard)
+    try:
+        write_survivors(lines, verdicts, writer, counts, progress, total)
+    finally:
+        writer.close()
+    return writer.shards
 
 
 def _pool_context():
@@ -336,7 +382,7 @@ def _json_line(doc: Prepared) -> bytes:
 _STAGE_OF = {"empty_after_normalize": "normalize", "exact_duplicate": "exact_dedup", "near_duplicate": "near_dedup"}
 
 
-def _report(files: list[Path], cfg: CleanConfig, stats: ReadStats, counts: dict, shards: list[dict],
+def _report(files: list[Path], config: dict, stats: ReadStats, counts: dict, shards: list[dict],
             seconds: float) -> dict:
     removed: Counter = counts["removed"]
     docs_in = stats.docs
@@ -352,7 +398,7 @@ def _report(files: list[Path], cfg: CleanConfig, stats: ReadStats, counts: dict,
         remaining -= n_removed
     return {
         "inputs": [str(f) for f in files],
-        "config": asdict(cfg),
+        "config": config,
         "records_read": docs_in + stats.bad_total,
         "docs_in": docs_in,
         "docs_kept": counts["kept"],

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -190,6 +190,20 @@ class DiskDeduplicator:
         self._keys.add(keys, self.docs)
         self.docs += 1
         return self.docs - 1
+
+    def sorted_runs(self) -> list[tuple[Path, int]]:
+        """The (key, document id) run files `add` wrote and their pair counts: a split clean hands them to
+        the merge's deduplicator (`adopt_runs`) instead of asking for verdicts here."""
+        self._keys.close()
+        return list(self._keys.runs)
+
+    def adopt_runs(self, runs: Iterable[tuple[Path, int, Callable[[np.ndarray], np.ndarray]]], docs: int) -> None:
+        """Take over other deduplicators' `sorted_runs` instead of `add`ing: (file, pairs, function mapping
+        their document ids to this one's), `docs` documents in all. The order of the documents sharing a key
+        does not matter to the verdicts, so the runs can come in any order."""
+        for path, pairs, to_ids in runs:
+            self._keys.adopt(path, pairs, to_ids)
+        self.docs = docs
 
     def verdicts(self) -> Iterator[np.ndarray]:
         """uint8 verdicts of documents 0, 1, 2, ... in consecutive chunks."""
