@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -57,7 +58,7 @@ def atomic_directory(out_dir: str | Path, marker: str | None = None):
     """Yield a temporary sibling directory; on success it replaces `out_dir` by rename.
 
     The staging name carries this host and process id, so the next writer of `out_dir` removes what a killed
-    run left behind. `marker` (a command name) writes the outputs.MARKER file into the result. Inside another
+    run left behind. `marker` (a command name) writes the MARKER file into the result. Inside another
     staging directory `out_dir` is written directly: the outer rename makes it appear atomically."""
     out_dir = Path(out_dir)
     real = out_dir.resolve()
@@ -92,8 +93,16 @@ def atomic_directory(out_dir: str | Path, marker: str | None = None):
 
 def _write_marker(directory: Path, marker: str | None) -> None:
     if marker is not None:
-        from .outputs import write_marker
         write_marker(directory, marker)
+
+
+# Every zhllm output directory carries this file naming the command that wrote it; outputs.py decides from it
+# what a command may replace. No time stamp: outputs stay byte-identical across runs (and --workers).
+MARKER = ".zhllm-output.json"
+
+
+def write_marker(directory: str | Path, command: str) -> None:
+    atomic_write_text(Path(directory) / MARKER, json.dumps({"written_by": "zhllm", "command": command}) + "\n")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

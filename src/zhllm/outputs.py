@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import ZhllmError
-
-MARKER = ".zhllm-output.json"
+from .fsutil import MARKER, write_marker
 
 NEW, OWN, REPLACE = "new", "own", "replace"
 
@@ -31,12 +30,6 @@ def read_marker(directory: str | Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("command"), str) else None
-
-
-def write_marker(directory: str | Path, command: str) -> None:
-    # No time stamp: outputs are byte-identical across runs (and --workers), marker included.
-    from .fsutil import atomic_write_text
-    atomic_write_text(Path(directory) / MARKER, json.dumps({"written_by": "zhllm", "command": command}) + "\n")
 
 
 def check_output_dir(out_dir: str | Path, command: str, inputs: Iterable[str | Path | None] = (),

@@ -117,7 +117,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra_fi
 
     tokenizer: a transformers tokenizer (saved with save_pretrained) or a directory whose tokenizer files
     are copied. extra_files: name -> bytes written alongside (e.g. trainer state). command: the zhllm command
-    whose output this is, recorded in the outputs.MARKER file (callers check the directory first, see outputs.py).
+    whose output this is, recorded in the fsutil.MARKER file (callers check the directory first, see outputs.py).
     """
     from safetensors.torch import save_file
 
