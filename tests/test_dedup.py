@@ -103,6 +103,28 @@ def test_sorted_runs_merge_ranges_keep_insertion_order(tmp_path):
     assert mask.tolist() == [False, True, True, False, True, True, True] and group.tolist() == [0, 0, 1, 1, 1]
 
 
+def test_adopted_runs_of_interleaved_parts_give_the_same_verdicts(tmp_path):
+    """A split clean: two deduplicators each see every other document (ids 0, 1, 2, ... of their own), a third
+    adopts their runs with the ids mapped back to input order and decides as one run over all would."""
+    cfg = DedupConfig()
+    docs = planted_near_duplicates(seed=1)
+    expected = disk_verdicts(docs, cfg, tmp_path / "one", run_pairs=37)
+    parts = [DiskDeduplicator(cfg, tmp_path / f"part{k}", run_pairs=37) for k in range(2)]
+    for i, d in enumerate(docs):
+        parts[i % 2].add(dedup_keys(d, cfg))
+    merged = DiskDeduplicator(cfg, tmp_path / "merged", run_pairs=37)
+    runs = [(path, pairs, lambda ids, k=k: ids * np.uint64(2) + np.uint64(k))
+            for k in (1, 0) for path, pairs in parts[k].sorted_runs()]
+    assert len(runs) > 10
+    merged.adopt_runs(runs, len(docs))
+    assert [REASONS.get(v) for chunk in merged.verdicts() for v in chunk.tolist()] == expected
+    copy = SortedRuns(tmp_path / "copy", "c", buffer_pairs=8)
+    path, pairs = parts[0].sorted_runs()[0]
+    copy.adopt(path, pairs, lambda v: v + np.uint64(5), chunk=3)   # copied in pieces smaller than the run
+    original = np.fromfile(path, np.uint64)
+    assert np.fromfile(copy.runs[0][0], np.uint64).tolist() == [*original[:pairs], *(original[pairs:] + 5)]
+
+
 def _peak_traced_bytes(fn) -> int:
     tracemalloc.start()
     try:
