@@ -99,7 +99,7 @@ def test_int8_weights_round_trip_within_half_a_step():
 
 
 def test_prepacked_bf16_linear_equals_f_linear():
-    from zhllm.infer.loading import cpu_has_bf16
+    from zhllm.device import cpu_has_bf16
     from zhllm.infer.linear import prepacked
     if not cpu_has_bf16():
         pytest.skip("this CPU has no native bf16: the dense path is used")

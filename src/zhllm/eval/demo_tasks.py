@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..fsutil import atomic_write_text
-from .loss import evaluate_loss
+from .loss import NextTokenLoss, evaluate_loss
 from .tasks import Item, Task, accuracy, run_task
 
 
@@ -57,13 +57,12 @@ def evaluate_pipeline_models(models: dict[str, str], shards_dir: str, out_dir: P
     checkpoint) and the same held-out tasks; writes eval.json and answers_<stage>.jsonl."""
     from ..model.io import load_model
     from ..tokenizer.load import load_tokenizer
-    from ..train.objectives import CausalLM
     data, split = open_val_windows(shards_dir, seq_len)
     task = DemoTasks(cfg.tasks, seed)
     table = {}
     for stage, path in models.items():
         model, tok = load_model(path, dtype=torch.float32), load_tokenizer(path)
-        metrics = evaluate_loss(model, CausalLM(), data, batch_size, batches)
+        metrics = evaluate_loss(model, NextTokenLoss(), data, batch_size, batches)
         metrics["val_split"] = split
         rows = run_task(task, model, tok, chat=stage != "pretrain", max_new_tokens=cfg.max_new_tokens)
         metrics["task_accuracy"] = accuracy(rows)

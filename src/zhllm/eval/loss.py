@@ -9,11 +9,51 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from ..train.objectives import Objective, to_device
+from ..device import to_device
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor   # summed over the batch's `weight` units (tokens for LM losses)
+    weight: float            # how many units loss_sum covers
+
+
+class LossObjective(Protocol):
+    """What evaluation needs of an objective (train/objectives.py's satisfy it without eval importing them)."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> LossOutput: ...
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed next-token cross-entropy, computed in fp32 whatever the logits' dtype.
+
+    bf16 logits lose ~3 significant digits, which shows up as a noisy loss when the softmax is taken
+    in bf16; upcasting the (B*T, vocab) logits costs little next to the lm_head matmul that made them.
+    """
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction="sum")
+
+
+class NextTokenLoss:
+    """Next-token prediction on packed windows of seq_len+1 tokens (inputs = [:-1], targets = [1:]): the loss
+    of a checkpoint on token shards. Pretraining trains on exactly this (train/objectives.py: CausalLM)."""
+
+    name = "causal_lm"
+    cross_entropy_sum = staticmethod(token_cross_entropy_sum)  # the trainer swaps in a compiled one
+
+    def weight(self, batch: torch.Tensor) -> float:
+        return float(batch.shape[0] * (batch.shape[1] - 1))
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> LossOutput:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs)
+        return LossOutput(self.cross_entropy_sum(logits, targets), self.weight(batch))
 
 
 def eval_batches(num_windows: int, batch_size: int, batches: int, world: int = 1) -> int:
@@ -22,7 +62,7 @@ def eval_batches(num_windows: int, batch_size: int, batches: int, world: int = 1
 
 
 @torch.no_grad()
-def token_nll(model: torch.nn.Module, objective: Objective, data, batch_size: int, batches: int, *,
+def token_nll(model: torch.nn.Module, objective: LossObjective, data, batch_size: int, batches: int, *,
               device: torch.device | str | None = None, autocast: AbstractContextManager | None = None,
               rank: int = 0, world: int = 1) -> tuple[float, float]:
     """(summed negative log-likelihood in nats, units it covers) over this rank's share of the eval windows.
@@ -52,7 +92,7 @@ def loss_metrics(nll: float, units: float, bytes_per_token: float | None = None)
     return result
 
 
-def evaluate_loss(model: torch.nn.Module, objective: Objective, data, batch_size: int, batches: int, *,
+def evaluate_loss(model: torch.nn.Module, objective: LossObjective, data, batch_size: int, batches: int, *,
                   device: torch.device | str | None = None, autocast: AbstractContextManager | None = None,
                   rank: int = 0, world: int = 1,
                   reduce: Callable[[Sequence[float]], Sequence[float]] | None = None,

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..device import resolve_device
 from ..errors import ZhllmError
 from .backends import decode_session, sequence_logits, unwrap
 from .decoder import FusedDecoderCache, can_fuse
-from .loading import check_quantize, check_vocab, load_checkpoint, model_limits, resolve_device, stop_ids_for
+from .loading import check_quantize, check_vocab, load_checkpoint, model_limits, stop_ids_for
 from .prompts import Messages, encode_prompt
 from .sampling import SamplingParams, sample_next
 from .textstream import TextStream

@@ -1,4 +1,4 @@
-"""Loading a checkpoint for inference: device and dtype choice, the tokenizer check, and the stop ids."""
+"""Loading a checkpoint for inference: the tokenizer check and the stop ids (device and dtype `auto`: zhllm.device)."""
 from __future__ import annotations
 
 import json
@@ -6,41 +6,9 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device, resolve_dtype
 from ..errors import ZhllmError
 from ..tokenizer.special import IM_END
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ZhllmError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ZhllmError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), where decoding streams half the
-    bytes of fp32 through oneDNN (benchmarks/bench_decode.py); fp32 on other CPUs, where bf16 is emulated."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if dtype not in DTYPES:
-        raise ZhllmError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
-    return DTYPES[dtype]
-
-
-def cpu_has_bf16() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def check_quantize(quantize: str, device: torch.device) -> None:

@@ -1,15 +1,14 @@
-"""Typed config of a training run: `model`, `data`, `train`, `eval`, `checkpoint`, `log`, `out_dir`.
+"""Typed config of a training stage: one base (`model`, `train`, `eval`, `checkpoint`, `log`, `out_dir`) that
+every stage's config extends with its own `data` section (and its own extras, e.g. SFT's `lora`).
 
-Every stage (pretraining now; SFT, DPO, reward modelling later) reads this same shape, with its own
-defaults from a recipe YAML, so a new stage never needs a new config parser. Each numeric field declares
-its allowed range with `checked(...)`; `from_dict` enforces it, so a stage reusing a section (SFT reuses
-train/eval/checkpoint/log) gets the same checks and the same one-line errors.
+The shared sections are typed once here, so each stage gets the same keys, defaults and checks. Each numeric
+field declares its allowed range with `checked(...)`; `from_dict` enforces it, with one-line errors.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 from ..config import PACKAGE_CONFIGS, checked, load_config
 from ..errors import ConfigError
@@ -73,20 +72,31 @@ class LogSection:
 
 
 @dataclass
-class RunConfig:
+class StageConfig:
+    """What every stage's recipe holds besides its data section; `validate` checks what the types cannot."""
     # `preset` (configs/model/ name or YAML path) and/or ModelConfig fields, or `init_from: DIR`
     model: dict[str, Any] = field(default_factory=dict)
-    data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    out_dir: str = checked("runs/train", nonblank=True)
+
+    def validate(self, source: str) -> "StageConfig":
+        if self.train.max_steps is None and self.train.max_tokens is None:
+            raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
+        return self
+
+
+@dataclass
+class RunConfig(StageConfig):
+    """The pretraining recipe: the shared sections and token shards as data."""
+    data: DataSection = field(default_factory=DataSection)
     out_dir: str = checked("runs/pretrain", nonblank=True)
 
     def validate(self, source: str) -> "RunConfig":
+        super().validate(source)
         t = self.train
-        if t.max_steps is None and t.max_tokens is None:
-            raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
         if not self.data.path:
             raise ConfigError(f"{source}: data.path must name at least one shard directory")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.path):
@@ -110,11 +120,20 @@ def resolve_recipe(path: str | Path, stage: str = "pretrain") -> Path:
     return packaged if packaged.is_file() else p
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None, stage: str = "pretrain") -> RunConfig:
-    path = resolve_recipe(path, stage)
-    cfg = load_config(RunConfig, path, overrides)
+C = TypeVar("C", bound=StageConfig)
+
+
+def load_stage_config(cls: type[C], path: str | Path, overrides: list[str] | None = None,
+                      recipes: str = "pretrain") -> tuple[C, str]:
+    """(validated config, source for messages) of a recipe path or a packaged name under configs/<recipes>/."""
+    path = resolve_recipe(path, recipes)
+    cfg = load_config(cls, path, overrides)
     source = str(path) + (" (with --set overrides)" if overrides else "")
-    return cfg.validate(source)
+    return cfg.validate(source), source
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    return load_stage_config(RunConfig, path, overrides, "pretrain")[0]
 
 
 def model_fields(section: dict, source: str, vocab_size: int | None = None):

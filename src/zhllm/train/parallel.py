@@ -1,21 +1,26 @@
 """Distributed setup and everything applied to the model from the outside (rule 1).
 
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. gloo on CPU, nccl on CUDA.
-DDP (optionally with the PowerSGD comm hook, ZeRO-1 via ZeroRedundancyOptimizer) or FSDP2 (`fully_shard`
-per decoder layer, then the root, with a MixedPrecisionPolicy). Activation checkpointing and torch.compile
-wrap each decoder layer's forward, so parameter names (and so checkpoints) are unchanged.
+`parallelize` is the one place a model is prepared for training, in this order (torchtitan's):
+1. activation checkpointing: each decoder layer's forward recomputes its activations in the backward;
+2. torch.compile per decoder layer: it then compiles the checkpointed forward, recomputation included;
+3. DDP (optionally with the PowerSGD comm hook; ZeRO-1 is the optimizer's part) or FSDP2 (`fully_shard` per
+   decoder layer, then the root, with a MixedPrecisionPolicy): last, because it wraps (DDP) or shards (FSDP)
+   the modules as they will run, checkpointed and compiled.
+Steps 1 and 2 replace each layer's forward in place, so parameter names (and so checkpoints) are unchanged.
 """
 from __future__ import annotations
 
 import functools
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..device import pick_device
 from ..errors import ZhllmError
 
 
@@ -33,15 +38,6 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world > 1
-
-
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ZhllmError("train.device is cuda but no CUDA device is available")
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def init_distributed(requested_device: str = "auto") -> Dist:
@@ -124,6 +120,16 @@ def wrap_model(model: nn.Module, d: Dist, parallel: str, precision: str, powersg
     return model
 
 
+def parallelize(model: nn.Module, train, d: Dist) -> nn.Module:
+    """Apply `train` (the TrainSection)'s activation checkpointing, compile and DDP/FSDP to `model`, in the
+    order of the module docstring; returns the module the training step calls."""
+    if train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if train.compile:
+        apply_compile(model)
+    return wrap_model(model, d, train.parallel, train.precision, train.ddp_powersgd)
+
+
 def no_sync(wrapped: nn.Module, last_micro_step: bool):
     """DDP: skip the gradient all-reduce on non-final accumulation micro-steps."""
     if not last_micro_step and hasattr(wrapped, "no_sync"):
@@ -194,12 +200,3 @@ def _names_to_indices(model: nn.Module, sd: dict) -> dict:
     index = {n: i for i, n in enumerate(_param_order(model))}
     return {"state": {index[n]: v for n, v in sd["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
-
-
-@contextmanager
-def main_first(d: Dist):
-    """Rank 0 does the work (e.g. writing a checkpoint) while the others wait at a barrier."""
-    try:
-        yield
-    finally:
-        barrier(d)

@@ -1,18 +1,15 @@
-"""`zhllm pretrain`: the causal-LM stage = CausalLM objective + packed token shards + a pretrain recipe."""
+"""`zhllm pretrain`: the causal-LM stage = CausalLM objective + packed token shards + a pretrain recipe
+(configs/pretrain/); train/run.py launches it."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..config import to_dict
-from ..errors import ConfigError, ZhllmError
-from ..fsutil import atomic_write_text
-from . import parallel as par
-from .config import RunConfig, load_run_config, model_fields, resolve_recipe
-from .objectives import STAGES
-from .state import checkpoint_dirs, resolve_resume
+from ..errors import ZhllmError
+from .config import RunConfig, model_fields
+from .objectives import CausalLM
+from .run import Stage, run_stage
 
 
 def open_token_data(cfg: RunConfig):
@@ -50,37 +47,16 @@ def build_model(cfg: RunConfig, source: str, vocab_size: int, eos_id: int | None
             model_cfg.eos_token_id = eos_id
             model_cfg.pad_token_id = eos_id
         model = new_model(model_cfg, seed=cfg.train.seed).train()
-    if cfg.train.seq_len > model.config.max_seq_len:
-        raise ConfigError(f"{source}: train.seq_len={cfg.train.seq_len} exceeds the model's max_seq_len="
-                          f"{model.config.max_seq_len}")
     return model
 
 
-def run_pretrain(config: str | Path, overrides: list[str] | None = None, resume: str | None = None,
-                 stage: str = "pretrain") -> dict:
+PRETRAIN = Stage(
+    name="pretrain", config=RunConfig, objective=lambda cfg: CausalLM(),
+    open_data=lambda run: open_token_data(run.cfg),
+    build_model=lambda run, train: build_model(run.cfg, run.source, train.vocab_size,
+                                               getattr(train, "eos_id", None), run.resume_dir))
+
+
+def run_pretrain(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> dict:
     """Train from a recipe; returns the run summary. Works the same under torchrun (any world size)."""
-    from .trainer import Trainer
-    path = resolve_recipe(config, STAGES[stage].recipes)
-    cfg = load_run_config(path, overrides, STAGES[stage].recipes)
-    source = str(path)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    ckpt_root = Path(cfg.out_dir) / "checkpoints"
-    resume_dir = resolve_resume(resume, ckpt_root)
-    if resume is None and checkpoint_dirs(ckpt_root):
-        raise ZhllmError(f"{cfg.out_dir} already holds checkpoints; pass --resume auto to continue, "
-                         "or choose another out_dir")
-    d = par.init_distributed(cfg.train.device)
-    try:
-        train, val = open_token_data(cfg)
-        model = build_model(cfg, source, train.vocab_size, getattr(train, "eos_id", None), resume_dir)
-        if d.is_main:
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(cfg.out_dir) / "config.yaml",
-                              yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
-        trainer = Trainer(cfg, STAGES[stage].objective(), model, train, val,
-                          tokenizer_dir=getattr(train, "tokenizer_dir", None), resume_dir=resume_dir, dist=d)
-        return trainer.fit()
-    finally:
-        par.shutdown(d)
+    return run_stage(PRETRAIN, config, overrides, resume)

@@ -1,9 +1,9 @@
 """`zhllm sft`: supervised fine-tuning = the shared Trainer + a masked causal-LM objective + chat examples.
 
-Nothing here is a training loop (rule 2): this module types the SFT recipe, turns chat records into a
-deterministic `SFTDataset`, sets up LoRA / freezing / NEFTune on the model, and tells the trainer how to
-write checkpoints of a LoRA model (the merged HF model for chat and evaluation, plus the PEFT adapter in
-`adapter/` for `PeftModel.from_pretrained` and for exact resume).
+Nothing here is a training loop or launch code (rule 2; train/run.py launches the `SFT` stage record): this
+module types the SFT recipe, turns chat records into a deterministic `SFTDataset`, sets up LoRA / freezing /
+NEFTune on the model, and tells the trainer how to write checkpoints of a LoRA model (the merged HF model for
+chat and evaluation, plus the PEFT adapter in `adapter/` for `PeftModel.from_pretrained` and for exact resume).
 """
 from __future__ import annotations
 
@@ -12,16 +12,13 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import yaml
 
-from ..config import checked, load_config, to_dict
+from ..config import checked
 from ..errors import ConfigError, ZhllmError
-from ..fsutil import atomic_write_text
-from . import parallel as par
-from .config import CheckpointSection, EvalSection, LogSection, TrainSection, resolve_recipe
+from .config import EvalSection, StageConfig, TrainSection, load_stage_config
 from .lora import LORA_TARGETS
 from .objectives import MaskedCausalLM
-from .state import checkpoint_dirs, resolve_resume
+from .run import Stage, StageRun, run_stage
 
 ADAPTER_DIR = "adapter"
 
@@ -55,17 +52,16 @@ class FreezeSection:
 
 
 @dataclass
-class SftConfig:
+class SftConfig(StageConfig):
+    """The SFT recipe: the shared sections (SFT's own defaults), chat data, and LoRA / freezing / NEFTune."""
     model: dict = field(default_factory=dict)   # init_from: DIR (any zhllm or HF Llama/Qwen2 checkpoint)
-    data: SftDataSection = field(default_factory=SftDataSection)
     train: TrainSection = field(default_factory=lambda: TrainSection(max_steps=200, lr=1e-4, warmup_steps=10))
     eval: EvalSection = field(default_factory=lambda: EvalSection(every=100, batches=8))
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    log: LogSection = field(default_factory=LogSection)
+    out_dir: str = checked("runs/sft", nonblank=True)
+    data: SftDataSection = field(default_factory=SftDataSection)
     lora: LoraSection = field(default_factory=LoraSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
     neftune_alpha: float = checked(0.0, ge=0)  # 0 = off; 5 is the NEFTune paper's usual value
-    out_dir: str = checked("runs/sft", nonblank=True)
 
     def validate(self, source: str) -> "SftConfig":
         if set(self.model) != {"init_from"}:
@@ -76,8 +72,7 @@ class SftConfig:
                               f"got {self.model['init_from']!r}")
         if not self.data.path:
             raise ConfigError(f"{source}: data.path must name chat files or an SFT shard directory")
-        if self.train.max_steps is None and self.train.max_tokens is None:
-            raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
+        super().validate(source)
         if self.lora.qlora and not self.lora.enabled:
             raise ConfigError(f"{source}: lora.qlora needs lora.enabled: true")
         if self.lora.enabled and self.train.bf16_weights:
@@ -88,10 +83,7 @@ class SftConfig:
 
 
 def load_sft_config(path: str | Path, overrides: list[str] | None = None) -> tuple[SftConfig, str]:
-    path = resolve_recipe(path, "sft")
-    cfg = load_config(SftConfig, path, overrides)
-    source = str(path) + (" (with --set overrides)" if overrides else "")
-    return cfg.validate(source), source
+    return load_stage_config(SftConfig, path, overrides, "sft")
 
 
 def open_sft_data(cfg: SftConfig, tokenizer, log=print):
@@ -119,11 +111,10 @@ def open_sft_data(cfg: SftConfig, tokenizer, log=print):
     return train, val
 
 
-def prepare_model(cfg: SftConfig, resume_dir: Path | None):
+def prepare_model(cfg: SftConfig, init_from: str, resume_dir: Path | None):
     """Base weights (or a full-FT checkpoint to resume), then LoRA / freezing / NEFTune as configured."""
     from ..model.io import load_model
     from .lora import apply_lora, enable_neftune, freeze_params, load_adapter
-    init_from = str(cfg.model["init_from"])
     full_resume = resume_dir is not None and not cfg.lora.enabled
     model = load_model(resume_dir if full_resume else init_from, dtype=torch.float32, train=True)
     if cfg.lora.enabled:
@@ -172,43 +163,31 @@ def lora_checkpoint_hooks(base_dir: str):
     return merged_model, extra
 
 
+def resolve_init_from(run: StageRun) -> None:
+    """The base model directory and its tokenizer, checked before any process group exists."""
+    from ..pointers import resolve_model_dir
+    from ..tokenizer.load import load_tokenizer
+    init_from = str(resolve_model_dir(run.cfg.model["init_from"]))  # checkpoints/latest: the step it names now
+    if not Path(init_from).is_dir():  # before the tokenizer: its "not found" would blame the wrong thing
+        raise ConfigError(f"{run.source}: model.init_from {init_from}: no such model directory")
+    run.init_from = run.tokenizer_dir = init_from
+    run.tokenizer = load_tokenizer(init_from)
+
+
+def build_sft_model(run: StageRun, train) -> torch.nn.Module:
+    model = prepare_model(run.cfg, run.init_from, run.resume_dir)
+    if len(run.tokenizer) > model.config.vocab_size:
+        raise ZhllmError(f"{run.init_from}: tokenizer has {len(run.tokenizer)} tokens, the model only "
+                         f"{model.config.vocab_size}")
+    return model
+
+
+SFT = Stage(
+    name="sft", config=SftConfig, objective=lambda cfg: MaskedCausalLM(), prepare=resolve_init_from,
+    open_data=lambda run: open_sft_data(run.cfg, run.tokenizer, log=run.echo), build_model=build_sft_model,
+    checkpoint_hooks=lambda run: lora_checkpoint_hooks(run.init_from) if run.cfg.lora.enabled else (None, None))
+
+
 def run_sft(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> dict:
     """Fine-tune from a recipe; returns the run summary. Works under torchrun like pretraining."""
-    from ..tokenizer.load import load_tokenizer
-    from .trainer import Trainer
-    cfg, source = load_sft_config(config, overrides)
-    t = cfg.train
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
-    ckpt_root = Path(cfg.out_dir) / "checkpoints"
-    resume_dir = resolve_resume(resume, ckpt_root)
-    if resume is None and checkpoint_dirs(ckpt_root):
-        raise ZhllmError(f"{cfg.out_dir} already holds checkpoints; pass --resume auto to continue, "
-                         "or choose another out_dir")
-    from ..pointers import resolve_model_dir
-    init_from = str(resolve_model_dir(cfg.model["init_from"]))  # checkpoints/latest: the step it names now
-    if not Path(init_from).is_dir():  # before the tokenizer: its "not found" would blame the wrong thing
-        raise ConfigError(f"{source}: model.init_from {init_from}: no such model directory")
-    tokenizer = load_tokenizer(init_from)
-    d = par.init_distributed(t.device)
-    try:
-        echo = print if d.is_main else (lambda *_: None)
-        train, val = open_sft_data(cfg, tokenizer, log=echo)
-        model = prepare_model(cfg, resume_dir)
-        if len(tokenizer) > model.config.vocab_size:
-            raise ZhllmError(f"{init_from}: tokenizer has {len(tokenizer)} tokens, the model only "
-                             f"{model.config.vocab_size}")
-        if t.seq_len > model.config.max_seq_len:
-            raise ConfigError(f"{source}: train.seq_len={t.seq_len} exceeds the model's max_seq_len="
-                              f"{model.config.max_seq_len}")
-        if d.is_main:
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(cfg.out_dir) / "config.yaml",
-                              yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
-        hooks = lora_checkpoint_hooks(init_from) if cfg.lora.enabled else (None, None)
-        trainer = Trainer(cfg, MaskedCausalLM(), model, train, val, tokenizer_dir=init_from,
-                          resume_dir=resume_dir, dist=d, export_model=hooks[0], checkpoint_extra=hooks[1])
-        return trainer.fit()
-    finally:
-        par.shutdown(d)
+    return run_stage(SFT, config, overrides, resume)

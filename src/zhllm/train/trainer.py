@@ -1,4 +1,4 @@
-"""THE training loop, shared by every stage (rule 2): an objective, a dataset, a model and a RunConfig.
+"""THE training loop, shared by every stage (rule 2): an objective, a dataset, a model and a stage config.
 
 Data order is a pure function of one global integer, `data_position` (windows consumed across all ranks):
 on micro-step m, rank r of world w with micro-batch b reads windows [p + (m*w + r)*b, ... + b). Resuming
@@ -18,16 +18,17 @@ from typing import Callable
 
 import torch
 
+from ..device import to_device
 from ..errors import ZhllmError
 from ..eval.loss import evaluate_loss
 from ..model.io import model_from_state_dict
 from . import parallel as par
-from .config import RunConfig
+from .config import StageConfig
 from .cpu_memory import keep_freed_memory
 from .evaluate import greedy_samples
 from .master import MasterWeights
 from .metrics import MFU, MetricsLogger, flops_per_token, memory_gb, plot_run, train_line
-from .objectives import Objective, to_device
+from .objectives import Objective
 from .optim import build_optimizer, lr_at, parameter_groups, set_lr
 from .precision import resolve_precision
 from .state import (TrainerState, capture_rng, load_optimizer_state, load_trainer_state, restore_rng,
@@ -41,7 +42,7 @@ class NonFiniteError(ZhllmError):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, objective: Objective, model: torch.nn.Module, train_data, val_data=None,
+    def __init__(self, cfg: StageConfig, objective: Objective, model: torch.nn.Module, train_data, val_data=None,
                  tokenizer_dir: str | Path | None = None, resume_dir: Path | None = None,
                  dist: par.Dist | None = None, echo=print,
                  export_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
@@ -63,14 +64,10 @@ class Trainer:
         self.model = model.to(self.d.device)  # fp32 master weights; bf16 comes from autocast / FSDP policy
         self.model.train()
         self.master = MasterWeights(self.model) if t.bf16_weights else None
-        if t.activation_checkpointing:
-            par.apply_activation_checkpointing(self.model)
-        if t.compile:
-            par.apply_compile(self.model)
-            if hasattr(objective, "cross_entropy_sum"):
-                from .objectives import compiled_cross_entropy_sum
-                objective.cross_entropy_sum = compiled_cross_entropy_sum()
-        self.wrapped = par.wrap_model(self.model, self.d, t.parallel, t.precision, t.ddp_powersgd)
+        self.wrapped = par.parallelize(self.model, t, self.d)
+        if t.compile and hasattr(objective, "cross_entropy_sum"):
+            from .objectives import compiled_cross_entropy_sum
+            objective.cross_entropy_sum = compiled_cross_entropy_sum()
         self.fsdp = par.is_fsdp(self.wrapped) and self.d.enabled
         self.optimizer = self._build_optimizer()
         self.autocast = self._autocast()
