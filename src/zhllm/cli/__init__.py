@@ -13,11 +13,12 @@ import sys
 from ..errors import ZhllmError
 
 # Modules that register commands; each has `register(root, groups)`.
-COMMAND_MODULES = ["model", "infer", "data", "shards", "tokenizer", "train", "sft", "pipeline"]
+COMMAND_MODULES = ["model", "infer", "data", "shards", "tokenizer", "train", "sft", "pipeline", "dpo"]
 GROUPS = {
     "model": "create, inspect and convert model checkpoints",
     "data": "clean corpora, pre-tokenise them into shards, inspect shards",
     "tokenizer": "train, extend and evaluate tokenizers",
+    "dpo": "preference optimisation: make rejected answers with a model",
 }
 
 
