@@ -17,7 +17,7 @@ from zhllm.outputs import read_marker
 TIMING = ("seconds", "docs_per_second")
 
 
-def split_corpus(tmp_path: Path) -> tuple[list[Path], list[str]]:
+def split_corpus(tmp_path: Path) -> list[Path]:
     """Two files of documents, then copies of some: with one-record work units (unit_chars=1) record r goes to
     part r % K, and each copy is placed so that for K = 2 and 3 it sits in another part than its original."""
     docs = synthetic_docs(40, seed=3)
@@ -36,7 +36,7 @@ def split_corpus(tmp_path: Path) -> tuple[list[Path], list[str]]:
     second = tmp_path / "b.jsonl"
     second.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[30:]) + "not json\n"
                       + json.dumps({"nope": 1}) + "\n", encoding="utf-8")
-    return [first, second], docs
+    return [first, second]
 
 
 def output_files(out: Path) -> dict[str, bytes]:
@@ -58,7 +58,7 @@ def split_and_merge(inputs, tmp_path: Path, num_shards: int, cfg=None, **part_ar
 
 @pytest.mark.parametrize("num_shards,unit_chars", [(1, 1), (2, 1), (3, 1), (3, 700), (3, 1 << 20)])
 def test_split_then_merge_is_byte_identical_to_one_run(tmp_path, num_shards, unit_chars):
-    inputs, _ = split_corpus(tmp_path)
+    inputs = split_corpus(tmp_path)
     cfg = CleanConfig(docs_per_shard=9)
     single = clean_corpus(inputs, tmp_path / "single", cfg, progress=False)
     assert single["removed"] == {"exact_duplicate": 8, "near_duplicate": 5, "too_short": 1, "repeated_chars": 1}
@@ -74,7 +74,7 @@ def test_split_then_merge_is_byte_identical_to_one_run(tmp_path, num_shards, uni
 
 def test_every_planted_copy_is_in_another_part_than_its_original(tmp_path):
     """What makes the byte-identity test meaningful: with one-record units no part sees both copies."""
-    inputs, _ = split_corpus(tmp_path)
+    inputs = split_corpus(tmp_path)
     rows = [json.loads(line) for path in inputs for line in path.read_text(encoding="utf-8").splitlines()
             if line.startswith("{") and "text" in line]
     pairs = 0
@@ -91,7 +91,7 @@ def test_every_planted_copy_is_in_another_part_than_its_original(tmp_path):
 
 @pytest.mark.parametrize("dedup", [DedupConfig(exact=False, near=False), DedupConfig(near=False)])
 def test_merge_matches_one_run_with_dedup_kinds_off(tmp_path, dedup):
-    inputs, _ = split_corpus(tmp_path)
+    inputs = split_corpus(tmp_path)
     cfg = CleanConfig(dedup=dedup)
     clean_corpus(inputs, tmp_path / "single", cfg, progress=False)
     split_and_merge(inputs, tmp_path, 2, cfg, unit_chars=1)
@@ -100,7 +100,7 @@ def test_merge_matches_one_run_with_dedup_kinds_off(tmp_path, dedup):
 
 
 def test_merge_refuses_incomplete_or_mixed_parts(tmp_path):
-    inputs, _ = split_corpus(tmp_path)
+    inputs = split_corpus(tmp_path)
     for index in range(3):
         clean_part(inputs, tmp_path / f"p{index}", 3, index, progress=False, unit_chars=1)
     with pytest.raises(ZhllmError, match=r"got 2 of 3 parts: --shard-index 1 missing"):
@@ -122,7 +122,7 @@ def test_merge_refuses_incomplete_or_mixed_parts(tmp_path):
 
 
 def test_part_arguments_and_output_policy(tmp_path):
-    inputs, _ = split_corpus(tmp_path)
+    inputs = split_corpus(tmp_path)
     with pytest.raises(ZhllmError, match=r"--shard-index must be in \[0, 2\)"):
         clean_part(inputs, tmp_path / "p", 2, 2, progress=False)
     with pytest.raises(ConfigError, match="needs dedup.backend: disk"):
@@ -138,7 +138,7 @@ def test_part_arguments_and_output_policy(tmp_path):
 
 
 def test_cli_two_machines_then_merge(tmp_path, capsys):
-    inputs, _ = split_corpus(tmp_path)
+    inputs = split_corpus(tmp_path)
     files = [str(p) for p in inputs]
     assert main(["data", "clean", "-i", *files, "-o", str(tmp_path / "single"), "--no-progress"]) == 0
     for index in range(2):
@@ -158,7 +158,7 @@ def test_cli_two_machines_then_merge(tmp_path, capsys):
     (["--num-shards", "2", "--shard-index", "5"], "--shard-index must be in [0, 2)"),
 ])
 def test_cli_split_errors_are_one_line(tmp_path, capsys, args, message):
-    inputs, _ = split_corpus(tmp_path)
+    inputs = split_corpus(tmp_path)
     code = main(["data", "clean", "-i", str(inputs[0]), "-o", str(tmp_path / "p"), "--no-progress", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
