@@ -157,7 +157,10 @@ def test_nonfinite_weights_under_two_processes_exit_cleanly(tmp_path, shards):
     script = tmp_path / "poison.py"
     script.write_text(POISON_SCRIPT)
     recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "r", max_steps=8, batch_size=2, parallel="ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+    # torchrun kills the other workers as soon as it sees one fail; polling every 5 s lets a rank that stops on
+    # its own do so first, so a rank that would hang shows up as killed (-15) instead of passing unseen.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--monitor-interval=5", str(script),
            "pretrain", "--config", str(recipe), "--set", "checkpoint.every=6"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZHLLM_FAIL")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=240)
