@@ -13,7 +13,8 @@ from conftest import CORPUS, shared_data
 from zhllm.cli import build_parser, main
 
 # Commands that draw progress (bars or lines) while they work.
-PROGRESS_COMMANDS = {"data clean", "data tokenize", "data tokenize-sft", "tokenizer train", "tokenizer extend"}
+PROGRESS_COMMANDS = {"data clean", "data tokenize", "data tokenize-sft", "data preview-sft", "tokenizer train",
+                     "tokenizer extend"}
 
 
 def write_jsonl(path, texts):

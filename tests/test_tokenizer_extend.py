@@ -176,3 +176,12 @@ def test_extend_real_minimind(tmp_path):
     new_vocab = new.get_vocab()
     assert all(new_vocab[t] == i for t, i in old.get_vocab().items())
     assert report.tokens_after < report.tokens_before
+
+
+def test_extend_prints_no_blank_lines_when_not_a_terminal(tmp_path, tokenizer_dir, corpus, capfd):
+    """The `tokenizers` trainer ends each of its bars with a newline on stdout: with output piped they
+    would be all a log shows, so they only run on a terminal."""
+    data = write_jsonl(tmp_path / "new.jsonl", corpus)
+    extend_tokenizer(tokenizer_dir, [str(data)], 8, tmp_path / "ext", show_progress=True)
+    out, err = capfd.readouterr()
+    assert out == "" and all(line.strip() for line in err.splitlines()), (out, err)

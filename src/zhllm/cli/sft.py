@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from ..data.chat import FORMATS
-from . import add_overwrite_flag
+from . import add_overwrite_flag, add_progress_flag
 
 
 def _preview(args) -> None:
     from ..data.sft_preview import preview_sft
 
+    color = None if args.color == "auto" else args.color == "always"
     print(preview_sft(args.tokenizer, args.input, n=args.n, fmt=args.format, max_len=args.max_len,
-                      overflow=args.overflow, strict=args.strict, color=None if args.color == "auto" else args.color == "always"))
+                      overflow=args.overflow, strict=args.strict, color=color, progress=not args.no_progress))
 
 
 def _merge(args) -> None:
@@ -52,6 +53,7 @@ def register(root, groups) -> None:
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     p.add_argument("--color", default="auto", choices=("auto", "always", "never"),
                    help="ANSI colour for trained spans (auto: on a terminal; otherwise [[...]] brackets)")
+    add_progress_flag(p)
     p.set_defaults(func=_preview)
 
     lora = root.add_parser("lora", help="LoRA adapters: merge into a full checkpoint",

@@ -1,13 +1,13 @@
-"""`zhllm data preview-sft`: render a few SFT samples with their trained spans marked, so masks can be checked by eye."""
+"""`zhllm data preview-sft`: render a few SFT samples with their trained spans marked, to check masks by eye."""
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..corpus.readers import ReadStats, expand_inputs, iter_records
 from ..errors import ZhllmError
 from .chat import IGNORE, SFTStats, encode_records
-from ..corpus.readers import ReadStats, expand_inputs, iter_records
 
 ANSI_TRAINED, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"
 
@@ -30,7 +30,7 @@ def highlight(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
 
 def preview_sft(tokenizer_dir: str | Path, inputs: Sequence[str | Path], n: int = 2, fmt: str = "auto",
                 max_len: int | None = None, overflow: str = "truncate", strict: bool = False,
-                color: bool | None = None) -> str:
+                color: bool | None = None, progress: bool = True) -> str:
     """The first n conversations rendered with trained spans marked, then counts over all of the input."""
     from ..tokenizer.load import load_tokenizer
 
@@ -41,7 +41,7 @@ def preview_sft(tokenizer_dir: str | Path, inputs: Sequence[str | Path], n: int 
     stats, read_stats = SFTStats(), ReadStats()
     paths = expand_inputs(inputs)  # a missing input fails here, before the progress bar starts
     examples = encode_records(tokenizer, iter_records(paths, strict=strict, stats=read_stats), fmt=fmt,
-                              max_len=max_len, overflow=overflow, strict=strict, stats=stats, progress=True)
+                              max_len=max_len, overflow=overflow, strict=strict, stats=stats, progress=progress)
     parts = []
     for k, (ids, labels) in enumerate(examples[:n]):
         trained = sum(label != IGNORE for label in labels)

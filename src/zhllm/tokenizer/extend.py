@@ -24,6 +24,7 @@ from ..errors import ZhllmError
 from ..outputs import check_output_dir
 from .encode import encode_batch_texts
 from .load import load_tokenizer
+from .progress import native_bars
 from .sample import sample_texts
 from .train import read_texts, save_hf_tokenizer
 
@@ -163,7 +164,7 @@ def candidate_tokens(backend, texts: list[str], add: int, byte_level: bool, show
     for _ in range(MAX_CANDIDATE_ROUNDS):
         cand = Tokenizer(models.BPE())
         cand.normalizer, cand.pre_tokenizer = backend.normalizer, backend.pre_tokenizer
-        trainer = trainers.BpeTrainer(vocab_size=size, min_frequency=2, show_progress=show_progress,
+        trainer = trainers.BpeTrainer(vocab_size=size, min_frequency=2, show_progress=show_progress and native_bars(),
                                       initial_alphabet=ByteLevel.alphabet() if byte_level else [])
         cand.train_from_iterator(texts, trainer=trainer)
         learnt = json.loads(cand.to_str())["model"]
