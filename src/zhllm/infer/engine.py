@@ -185,7 +185,11 @@ class Engine:
     def score(self, prompts: Sequence[Prompt], continuations: Sequence[str | Sequence[int]], *,
               batch_size: int = 16) -> list[ScoreResult]:
         """Log-probs of each continuation after its prompt, in batches of similar lengths (right padding,
-        which a causal model's earlier positions never see). A text continuation is encoded as plain text."""
+        which a causal model's earlier positions never see). A text continuation is encoded as plain text.
+
+        Pairs that feed the model the same tokens share one row: the last continuation token is only a target,
+        so the choices of a multiple-choice item ("A".."D" after one prompt) cost one forward of the prompt.
+        `batch_size` counts such rows."""
         if len(prompts) != len(continuations):
             raise ZhllmError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         pairs = [(self._encode(p), self._encode_continuation(c)) for p, c in zip(prompts, continuations)]
@@ -193,32 +197,38 @@ class Engine:
             if len(p) + len(c) > self.max_seq_len:
                 raise ZhllmError(f"a prompt and continuation of {len(p) + len(c)} tokens exceed the model's "
                                  f"context of {self.max_seq_len}")
-        results: list[ScoreResult | None] = [None] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        rows: dict[tuple[int, ...], list[int]] = {}  # model input -> the pairs it scores
+        for i, (p, c) in enumerate(pairs):
+            if c:
+                rows.setdefault(tuple(p + c[:-1]), []).append(i)
+        results: list[ScoreResult] = [ScoreResult(0.0, []) for _ in pairs]
+        order = sorted(rows, key=len)
         for start in range(0, len(order), max(1, batch_size)):
             chunk = order[start:start + max(1, batch_size)]
-            for i, r in zip(chunk, self._score_batch([pairs[i] for i in chunk])):
-                results[i] = r
+            members = [(r, i) for r, key in enumerate(chunk) for i in rows[key]]
+            scored = self._score_batch(chunk, [(r, len(pairs[i][0]), pairs[i][1]) for r, i in members])
+            for (_, i), res in zip(members, scored):
+                results[i] = res
         return results
 
-    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[ScoreResult]:
-        width = max(len(p) + len(c) for p, c in pairs)
-        ids = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
-        rows, cols, targets = [], [], []
-        for i, (p, c) in enumerate(pairs):
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            rows += [i] * len(c)
-            cols += range(len(p) - 1, len(p) + len(c) - 1)  # the position that predicts each continuation token
-            targets += c
-        if not targets:
-            return [ScoreResult(0.0, []) for _ in pairs]
+    def _score_batch(self, inputs: list[tuple[int, ...]], targets: list[tuple[int, int, list[int]]]) -> list[ScoreResult]:
+        """`targets`: (row of `inputs`, prompt length, continuation) per pair scored on those rows."""
+        ids = torch.full((len(inputs), max(map(len, inputs))), self.pad_id, dtype=torch.long)
+        for r, seq in enumerate(inputs):
+            ids[r, :len(seq)] = torch.tensor(seq)
+        rows, cols, flat_targets = [], [], []
+        for r, n, c in targets:
+            rows += [r] * len(c)
+            cols += range(n - 1, n + len(c) - 1)  # the position that predicts each continuation token
+            flat_targets += c
         with self._lock, self._no_grad():
             logits = sequence_logits(self.module, ids.to(self.device), torch.tensor(rows, device=self.device),
                                      torch.tensor(cols, device=self.device))
-            logprobs = logits.float().log_softmax(-1).gather(1, torch.tensor(targets, device=self.device)[:, None])
+            logprobs = logits.float().log_softmax(-1).gather(
+                1, torch.tensor(flat_targets, device=self.device)[:, None])
         flat = logprobs[:, 0].tolist()
         out, k = [], 0
-        for _, c in pairs:
+        for _, _, c in targets:
             token_logprobs = flat[k:k + len(c)]
             k += len(c)
             out.append(ScoreResult(sum(token_logprobs), token_logprobs))
