@@ -11,7 +11,7 @@ Both go through the inference engine (`Engine.generate_batch`, `Engine.score`), 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 
 
@@ -48,11 +48,13 @@ class Task:
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int,
-                     stop_strings: Sequence[str] = ()) -> list[str]:
-    """Greedy answers, one per prompt, decoded together by the inference engine."""
-    from ..infer.engine import Engine
-    return Engine(model, tokenizer).generate_batch(list(prompts), max_new_tokens=max_new_tokens, temperature=0.0,
-                                                   stop_strings=tuple(stop_strings)).texts
+                     stop_strings: Sequence[str] = (), engine=None) -> list[str]:
+    """Greedy answers, one per prompt, decoded together by the inference engine (`engine`, else a new one)."""
+    if engine is None:
+        from ..infer.engine import Engine
+        engine = Engine(model, tokenizer)
+    return engine.generate_batch(list(prompts), max_new_tokens=max_new_tokens, temperature=0.0,
+                                 stop_strings=tuple(stop_strings)).texts
 
 
 def pick_choice(model, tokenizer, task: Task, item: Item, chat: bool) -> tuple[str, list[float]]:
@@ -68,19 +70,26 @@ def pick_choice(model, tokenizer, task: Task, item: Item, chat: bool) -> tuple[s
     return item.choices[max(range(len(scores)), key=scores.__getitem__)], scores
 
 
-def run_task(task: Task, model, tokenizer, chat: bool, max_new_tokens: int = 64, batch_size: int = 16) -> list[dict]:
-    """One row per item: question, reference, the model's output (or pick) and whether it is correct."""
+def run_task(task: Task, model, tokenizer, chat: bool, max_new_tokens: int = 64, batch_size: int = 16, *,
+             engine=None, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """One row per item: question, reference, the model's output (or pick) and whether it is correct.
+    `engine` (an Engine of this model) is reused across batches; `progress(n)` after every n items."""
     items = list(task.items())
     was_training = model.training
     model.eval()
     rows: list[dict] = []
     try:
         if task.kind == "generative":
+            if engine is None:
+                from ..infer.engine import Engine
+                engine = Engine(model, tokenizer)
             prompts = [task.prompt(it, chat) for it in items]
             outputs: list[str] = []
             for i in range(0, len(prompts), batch_size):
                 outputs += generate_answers(model, tokenizer, prompts[i:i + batch_size], max_new_tokens,
-                                            task.stop_strings(chat))
+                                            task.stop_strings(chat), engine=engine)
+                if progress is not None:
+                    progress(len(prompts[i:i + batch_size]))
             rows = [{"question": it.question, "answer": it.answer, "output": out, "correct": bool(task.score(it, out))}
                     for it, out in zip(items, outputs)]
         elif task.kind == "categorical":
