@@ -69,9 +69,12 @@ def _item(rec, stats: ReadStats, strict: bool) -> McItem | None:
         return None
     options = []
     for letter in LETTERS:
-        value = data.get(letter.lower())
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if letter.lower() not in data:
             break
+        value = data[letter.lower()]
+        if value is None or not str(value).strip():  # a column of the file, empty in this row
+            stats.add_bad(rec.where, MISSING_FIELD, f"option {letter} is empty", strict)
+            return None
         options.append(str(value).strip())
     if len(options) < 2:
         stats.add_bad(rec.where, MISSING_FIELD, f"options {', '.join(LETTERS[:4])} needed, found {len(options)}",
