@@ -112,22 +112,57 @@ class FusedDecoder:
             return logits
         x = F.embedding(tokens, self.embed)
         cos, sin = self.model.rope(positions[:, None], x.dtype, L + 1)
+
+        def store(i: int, k: torch.Tensor, v: torch.Tensor):
+            cache.k[i, :, :, L], cache.v[i, :, :, L] = k, v
+            return cache.k[i, :, :, :L + 1], cache.v[i, :, :, :L + 1]
+
+        logits = self._layers(x, cos, sin, store, key_mask)
+        cache.length = L + 1
+        return logits
+
+    def step_rows(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (n, V) for one new token in each of the first n rows of `cache`, where row r holds its own
+        sequence in positions [0, lengths[r]) (no padding): the token is written at lengths[r], which is also
+        its RoPE position. Rows of different lengths decode together, so requests can join and leave a running
+        batch (the server's continuous batching, zhllm/serve). `cache.length` is neither read nor changed; the
+        caller advances `lengths`. Always the PyTorch step (the native one is for a single left-aligned row)."""
+        n = tokens.shape[0]
+        top = int(lengths.max()) + 1
+        if top > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions, asked for {top}")
+        rows = torch.arange(n, device=tokens.device)
+        # Rows shorter than the longest must not see the stale keys beyond their own end.
+        key_mask = None
+        if int(lengths.min()) + 1 != top:
+            key_mask = (torch.arange(top, device=tokens.device)[None, :] <= lengths[:, None])[:, None, None, :]
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self.model.rope(lengths[:, None], x.dtype, top)
+
+        def store(i: int, k: torch.Tensor, v: torch.Tensor):
+            cache.k[i, rows, :, lengths], cache.v[i, rows, :, lengths] = k, v
+            return cache.k[i, :n, :, :top], cache.v[i, :n, :, :top]
+
+        return self._layers(x, cos, sin, store, key_mask)
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store, key_mask) -> torch.Tensor:
+        """The fused layers and head for one token per row; `store(layer, k, v)` writes the new keys and
+        values (B, KV, D) into the cache and returns the keys and values (B, KV, S, D) to attend to."""
+        B = x.shape[0]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
         cos, sin = cos[:, 0], sin[:, 0] * self.sin_sign.to(x.dtype)  # (B, 1, D): broadcast over heads
         shape, eps = (x.shape[-1],), self.eps
         for i, w in enumerate(self.layers):
             qkv = w.qkv(F.rms_norm(x, shape, None, eps)).view(B, H + 2 * KV, D)
             qk = qkv[:, :H + KV]
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # RoPE
-            cache.k[i, :, :, L] = qk[:, H:]
-            cache.v[i, :, :, L] = qkv[:, H + KV:]
+            keys, values = store(i, qk[:, H:], qkv[:, H + KV:])
             # Query heads sharing a KV head sit on the sequence axis, as in Attention: no repeated cache.
             q = qk[:, :H].reshape(B, KV, H // KV, D)
-            out = F.scaled_dot_product_attention(q, cache.k[i, :, :, :L + 1], cache.v[i, :, :, :L + 1],
-                                                 attn_mask=key_mask)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask)
             x = x + w.o(out.reshape(B, H * D))
             gate, up = w.gate_up(F.rms_norm(x, shape, None, eps)).chunk(2, dim=-1)
             x = x + w.down(F.silu(gate) * up)
-        cache.length = L + 1
         return self.lm_head(F.rms_norm(x, shape, None, eps))
 
 
