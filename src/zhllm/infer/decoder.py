@@ -99,12 +99,11 @@ class FusedDecoder:
         positions: (B,) RoPE position of each row's token (rows with left padding lag the cache index).
         key_mask: (B, 1, 1, cache.length + 1) bool, True where a row may attend; None when no row is padded.
         """
-        B = tokens.shape[0]
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
         L = cache.length
         if L + 1 > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions, asked for {L + 1}")
-        if self.native is not None and B == 1 and key_mask is None:
+        if self.native is not None and tokens.shape[0] == 1 and key_mask is None:
+            H, KV = self.n_heads, self.n_kv
             cos, sin = self.model.rope(positions[:, None], self.embed.dtype, L + 1)
             logits = self.native.decode_step(int(tokens[0]), L, self.int8_weights, self.int8_scales, cache.k,
                                              cache.v, self.embed, cos[0, 0, 0], sin[0, 0, 0], H, KV, self.eps)
