@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ZhllmError
+from .tasks import score_continuations
 
 
 @dataclass
@@ -143,6 +144,6 @@ def _score_windows(engine, windows: list[Window], batch_tokens: int) -> float:
         batch = windows[i:j]
         prompts = [w.tokens[:len(w.tokens) - w.scored] for w in batch]
         targets = [w.tokens[len(w.tokens) - w.scored:] for w in batch]
-        total -= sum(r.logprob for r in engine.score(prompts, targets, batch_size=len(batch)))
+        total -= sum(score_continuations(engine, prompts, targets, batch_size=len(batch)))
         i = j
     return total

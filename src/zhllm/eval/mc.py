@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..corpus.read_stats import MISSING_FIELD, ReadStats
 from ..errors import ZhllmError
+from .tasks import score_continuations
 
 LETTERS = "ABCDEFGH"
 BAD_ANSWER = "bad_answer"
@@ -161,7 +162,7 @@ class McResult:
 
 
 def evaluate_mc(engine, items: Sequence[McItem], *, dev: Sequence[McItem] = (), shots: int = 0, chat: bool = False,
-                score: str = "letter", batch_items: int = 32, batch_size: int = 16,
+                score: str = "letter", batch_items: int = 256, batch_size: int = 16,
                 progress: Callable[[int], None] | None = None) -> McResult:
     """Accuracy of `engine`'s picks on `items`; k-shot examples come from `dev` only (the first `shots` of the
     item's subject). An item whose prompt does not fit the context even with fewer examples is skipped and
@@ -190,10 +191,10 @@ def evaluate_mc(engine, items: Sequence[McItem], *, dev: Sequence[McItem] = (), 
             prompts += [ids] * len(texts)
             conts += texts
             owners.append((it, len(texts)))
-        scored = engine.score(prompts, conts, batch_size=batch_size) if prompts else []
+        scored = score_continuations(engine, prompts, conts, batch_size) if prompts else []
         k = 0
         for it, n in owners:
-            values = [r.logprob for r in scored[k:k + n]]
+            values = scored[k:k + n]
             if score == "options":
                 values = [v / max(len(text), 1) for v, text in zip(values, it.options)]
             k += n

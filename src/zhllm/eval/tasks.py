@@ -5,8 +5,8 @@ chat model) and scores the model's response. Two kinds:
 - "generative": the model answers greedily and `score(item, output)` judges the text (e.g. exact match);
 - "categorical": each item has choices; the model's pick is the choice whose continuation it finds most
   likely (summed log-probability after the prompt), and the item is right when that is `item.answer`.
-Both go through the inference engine (`Engine.generate_batch`, `Engine.score`), in `generate_answers` and
-`pick_choice` only. A new task is a `Task` subclass in its own module here (demo_tasks.py: generative).
+Both go through the inference engine (`Engine.generate_batch`, `Engine.score`), in `generate_answers`,
+`score_continuations` and `pick_choice` only (mc.py and bpb.py score through `score_continuations`). A new task is a `Task` subclass in its own module here (demo_tasks.py: generative).
 """
 from __future__ import annotations
 
@@ -57,6 +57,12 @@ def generate_answers(model, tokenizer, prompts: Sequence[str | list[dict]], max_
                                  stop_strings=tuple(stop_strings)).texts
 
 
+def score_continuations(engine, prompts: Sequence, continuations: Sequence, batch_size: int = 16) -> list[float]:
+    """Summed log-probability (nats) of each continuation after its prompt, batched by the engine (pairs that
+    share their input, such as an item's answer letters, share one forward)."""
+    return [r.logprob for r in engine.score(prompts, continuations, batch_size=batch_size)]
+
+
 def pick_choice(model, tokenizer, task: Task, item: Item, chat: bool) -> tuple[str, list[float]]:
     """Categorical scoring core: the choice whose continuation has the highest summed log-probability after
     the prompt (nats), and every choice's score."""
@@ -80,14 +86,12 @@ def run_task(task: Task, model, tokenizer, chat: bool, max_new_tokens: int = 64,
     rows: list[dict] = []
     try:
         if task.kind == "generative":
-            if engine is None:
-                from ..infer.engine import Engine
-                engine = Engine(model, tokenizer)
+            reuse = {"engine": engine} if engine is not None else {}
             prompts = [task.prompt(it, chat) for it in items]
             outputs: list[str] = []
             for i in range(0, len(prompts), batch_size):
                 outputs += generate_answers(model, tokenizer, prompts[i:i + batch_size], max_new_tokens,
-                                            task.stop_strings(chat), engine=engine)
+                                            task.stop_strings(chat), **reuse)
                 if progress is not None:
                     progress(len(prompts[i:i + batch_size]))
             rows = [{"question": it.question, "answer": it.answer, "output": out, "correct": bool(task.score(it, out))}
