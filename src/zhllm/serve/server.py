@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 from ..errors import ZhllmError
@@ -50,6 +52,10 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_s,
                             server_header=False)
     server = uvicorn.Server(config)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler that was there before:
+        # the default one would kill the process with -15 after a clean shutdown; this one lets us return 0.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
     except SystemExit:  # uvicorn exits on a failed bind (the port is taken)

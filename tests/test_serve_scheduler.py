@@ -1,0 +1,118 @@
+"""The continuous-batching scheduler on its own: requests joining and leaving a running batch (with chunked
+prefill) decode exactly what the engine decodes for each alone, greedy and seeded; cancel frees the slot;
+the queue limit is all-or-none; stop cancels what is left."""
+import threading
+
+import pytest
+from serve_support import lively_model
+
+from zhllm import ZhllmError
+from zhllm.infer.engine import Engine
+from zhllm.infer.prompts import encode_prompt
+from zhllm.infer.sampling import SamplingParams
+from zhllm.serve.scheduler import QueueFull, Request, Scheduler
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tokenizer_dir):
+    return Engine.load(lively_model(tmp_path_factory, tokenizer_dir), device="cpu", dtype="float32")
+
+
+class Collector:
+    def __init__(self):
+        self.text, self.done, self.finished = "", None, threading.Event()
+
+    def __call__(self, event):
+        if event.kind == "text":
+            self.text += event.text
+        else:
+            self.done = event
+            self.finished.set()
+
+
+def request(engine, prompt, sink, **sampling):
+    return Request(encode_prompt(engine.tokenizer, prompt), SamplingParams(**sampling), sink)
+
+
+def test_joining_and_leaving_rows_decode_what_the_engine_decodes(engine):
+    cases = [("今天天气", dict(temperature=0, max_new_tokens=30)),
+             ("机器学习是人工智能的一个分支，研究计算机怎样从数据中学习。", dict(temperature=0, max_new_tokens=9)),
+             ([{"role": "user", "content": "你好"}], dict(temperature=0, max_new_tokens=25)),
+             ("春眠不觉晓", dict(temperature=0.9, top_p=0.9, seed=3, repetition_penalty=1.2, max_new_tokens=20)),
+             ("长江是中国最长的河流", dict(temperature=0, top_k=5, max_new_tokens=5))]
+    # Two slots for five requests and 4-token prefill chunks: rows join a running batch at different
+    # lengths, leave it in the middle, and long prompts are prefilled across iterations.
+    scheduler = Scheduler(engine, max_batch=2, prefill_chunk=4)
+    scheduler.start()
+    try:
+        sinks = [Collector() for _ in cases]
+        scheduler.submit([request(engine, p, s, **kw) for (p, kw), s in zip(cases, sinks)])
+        for s in sinks:
+            assert s.finished.wait(30)
+    finally:
+        scheduler.stop()
+    for (prompt, kw), s in zip(cases, sinks):
+        assert s.text == engine.generate(prompt, **kw)
+        assert s.done.finish_reason == "length" and s.done.completion_tokens == kw["max_new_tokens"]
+    assert not scheduler.alive
+
+
+def test_stop_strings_and_stop_tokens_end_a_row(engine):
+    want = engine.generate("今天天气", temperature=0, max_new_tokens=30)
+    scheduler = Scheduler(engine, max_batch=4)
+    scheduler.start()
+    try:
+        cut, by_token = Collector(), Collector()
+        ids = encode_prompt(engine.tokenizer, "今天天气")
+        scheduler.submit([Request(ids, SamplingParams(temperature=0, max_new_tokens=30), cut, [want[5:7]])])
+        assert cut.finished.wait(30)
+        # Make the answer's first token a stop token: the row ends at once, its text empty.
+        first = engine.generate_batch([ids], temperature=0, max_new_tokens=1, stop_token_ids=[]).completions[0]
+        scheduler.stops = {first.token_ids[0]}
+        scheduler.submit([Request(ids, SamplingParams(temperature=0, max_new_tokens=30), by_token)])
+        assert by_token.finished.wait(30)
+    finally:
+        scheduler.stop()
+    assert by_token.text == "" and by_token.done.finish_reason == "stop" and by_token.done.completion_tokens == 1
+    assert cut.text == want[:want.index(want[5:7])] and cut.done.finish_reason == "stop"
+
+
+def test_cancel_frees_the_slot_of_a_long_generation(engine):
+    scheduler = Scheduler(engine, max_batch=2)
+    sink = Collector()
+    req = request(engine, "从前有座山，", lambda e: (req.cancel(), sink(e)), temperature=0.8, max_new_tokens=400)
+    scheduler.start()
+    try:
+        scheduler.submit([req])
+        assert sink.finished.wait(30)
+        assert sink.done.finish_reason == "cancelled" and sink.done.completion_tokens < 10
+        follow = Collector()
+        scheduler.submit([request(engine, "你好", follow, temperature=0, max_new_tokens=3)])
+        assert follow.finished.wait(30) and follow.done.finish_reason == "length"
+    finally:
+        scheduler.stop()
+    assert not scheduler._rows and scheduler.metrics.queue_depth == 0
+
+
+def test_queue_limit_is_all_or_none(engine):
+    scheduler = Scheduler(engine, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    with pytest.raises(QueueFull):
+        scheduler.submit([request(engine, "你好", Collector(), max_new_tokens=2) for _ in range(3)])
+    scheduler.submit([request(engine, "你好", Collector(), max_new_tokens=2) for _ in range(2)])
+    with pytest.raises(QueueFull, match="queue is full"):
+        scheduler.submit([request(engine, "你好", Collector(), max_new_tokens=2)])
+    with pytest.raises(ZhllmError, match="context"):
+        scheduler.submit([Request([5] * engine.max_seq_len, SamplingParams(), Collector())])
+
+
+def test_stop_cancels_running_and_waiting_requests(engine):
+    scheduler = Scheduler(engine, max_batch=1)
+    sinks = [Collector(), Collector()]
+    scheduler.start()
+    scheduler.submit([request(engine, "你好", s, temperature=0.8, max_new_tokens=400) for s in sinks])
+    scheduler.stop()
+    assert [s.done.finish_reason for s in sinks] == ["cancelled", "cancelled"]
+    assert sinks[0].done.completion_tokens < 400 and sinks[1].done.completion_tokens == 0
+    assert scheduler.metrics.queue_depth == 0 and not scheduler.alive
+    with pytest.raises(QueueFull, match="shutting down"):
+        scheduler.submit([request(engine, "你好", Collector())])
