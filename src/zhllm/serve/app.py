@@ -35,6 +35,7 @@ STATIC = Path(__file__).with_name("static")
 DEFAULT_MAX_BODY = 1 << 20
 ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
 DISCONNECT_POLL_S = 1.0
+MIN_TEMPERATURE = 1e-4  # below it: greedy
 
 
 class ApiError(Exception):
@@ -233,10 +234,12 @@ def create_app(engine: Engine, *, model_name: str = "zhllm", api_key: str | None
             raise ApiError(400, "stop: at most 4 stop strings", param="stop")
         limit = min(requested or max_tokens, max_tokens)
         seed = None if body.seed is None else body.seed % (1 << 63)
+        # Logits divided by a vanishing temperature overflow to inf; sampling there is the argmax anyway.
+        temperature = 0.0 if body.temperature < MIN_TEMPERATURE else body.temperature
 
         def params_for(choice: int) -> SamplingParams:
             # Each of n choices is its own sample; a seed keeps all n reproducible.
-            return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
+            return SamplingParams(max_new_tokens=limit, temperature=temperature, top_p=body.top_p,
                                   top_k=body.top_k, repetition_penalty=body.repetition_penalty,
                                   seed=None if seed is None else (seed + choice) % (1 << 63))
         return params_for

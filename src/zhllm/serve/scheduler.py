@@ -273,7 +273,13 @@ class Scheduler:
             chosen = dict(zip(greedy, picks))
         done = []
         for i, r in enumerate(rows):
-            token = chosen[i] if i in chosen else r.sample(logits[i:i + 1])
+            try:
+                token = chosen[i] if i in chosen else r.sample(logits[i:i + 1])
+            except Exception:  # one request's sampling settings must not take the others down
+                log.exception("sampling failed for one request; failing it")
+                r.req.sink(Event("error", message="sampling failed"))
+                done.append(i)
+                continue
             self._emit(r, r.accept(token, self.stops))
             if r.finished:
                 done.append(i)
