@@ -64,7 +64,7 @@ def toy_model(vocab, seed):
 
 
 TOY = Stage(
-    name="toy", config=ToyConfig, objective=lambda cfg: FirstTokenEverywhere(),
+    name="toy", config=ToyConfig, objective=lambda run, model: FirstTokenEverywhere(),
     open_data=lambda run: (RepeatedRows(run.cfg.data.vocab, run.cfg.train.seq_len), None),
     build_model=lambda run, train: toy_model(train.vocab, run.cfg.train.seed))
 

@@ -18,7 +18,7 @@ GROUPS = {
     "model": "create, inspect and convert model checkpoints",
     "data": "clean corpora, pre-tokenise them into shards, inspect shards",
     "tokenizer": "train, extend and evaluate tokenizers",
-    "dpo": "preference optimisation: make rejected answers with a model",
+    "dpo": "preference optimisation: train on preference pairs, make rejected answers with a model",
 }
 
 

@@ -15,7 +15,27 @@ def _make_rejected(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _train(args) -> None:
+    from ..train.dpo import run_dpo
+
+    summary = run_dpo(args.config, args.set, resume=args.resume)
+    print(f"dpo finished at step {summary['step']}/{summary['max_steps']}; val loss {summary.get('val_loss')}")
+
+
 def register(root, groups) -> None:
+    p = groups["dpo"].add_parser(
+        "train", help="preference optimisation (DPO, IPO, hinge, robust, SimPO, ORPO) of a chat model",
+        description="Train a model on preference pairs (prompt/chosen/rejected strings, OpenAI message lists or "
+                    "ShareGPT, detected per record) rendered with its chat template; chosen and rejected go through "
+                    "the model in one forward pass. Reference: a frozen copy, the LoRA base with adapters off, or "
+                    "log-probs precomputed into the run directory. Same loop, checkpoints, resume and torchrun "
+                    "support as `zhllm pretrain` and `zhllm sft`.")
+    p.add_argument("--config", required=True, help="DPO recipe YAML, or a packaged name: tiny, 26m")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.init_from=DIR (repeatable)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint (auto) or PATH")
+    p.set_defaults(func=_train)
+
     p = groups["dpo"].add_parser(
         "make-rejected", help="sample the model's own answers as rejected replies",
         description="For every record with a prompt and a chosen answer (preference or SFT records), sample answers "

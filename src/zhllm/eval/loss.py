@@ -64,9 +64,10 @@ def eval_batches(num_windows: int, batch_size: int, batches: int, world: int = 1
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, objective: LossObjective, data, batch_size: int, batches: int, *,
               device: torch.device | str | None = None, autocast: AbstractContextManager | None = None,
-              rank: int = 0, world: int = 1) -> tuple[float, float]:
+              rank: int = 0, world: int = 1, extra: dict[str, float] | None = None) -> tuple[float, float]:
     """(summed negative log-likelihood in nats, units it covers) over this rank's share of the eval windows.
-    Units are the objective's loss units: predicted tokens (CausalLM) or unmasked label tokens (SFT)."""
+    Units are the objective's loss units: predicted tokens (CausalLM), unmasked label tokens (SFT) or pairs
+    (DPO). `extra` receives the sums of an objective's own figures (`metrics` of its loss output)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -78,6 +79,9 @@ def token_nll(model: torch.nn.Module, objective: LossObjective, data, batch_size
                 out = objective.loss(model, batch)
             nll += float(out.loss_sum)
             units += out.weight
+            for k, v in getattr(out, "metrics", {}).items():
+                if extra is not None:
+                    extra[k] = extra.get(k, 0.0) + v
     finally:
         model.train(was_training)
     return nll, units
@@ -101,12 +105,15 @@ def evaluate_loss(model: torch.nn.Module, objective: LossObjective, data, batch_
     call, so successive evals are comparable). Under DDP/FSDP every rank calls it and `reduce` sums the
     ranks' [nll, units] (the forward is collective under FSDP, so every rank runs the same number of
     batches). bits/byte uses `data.bytes_per_token` unless given: the split being measured, not another."""
+    extra: dict[str, float] = {}
     nll, units = token_nll(model, objective, data, batch_size, batches, device=device, autocast=autocast,
-                           rank=rank, world=world)
+                           rank=rank, world=world, extra=extra)
     if reduce is not None:
-        nll, units = reduce([nll, units])
+        nll, units, *sums = reduce([nll, units, *extra.values()])
+        extra = dict(zip(extra, sums))
     if bytes_per_token is None:
         bytes_per_token = getattr(data, "bytes_per_token", None)
     result = loss_metrics(nll, units, bytes_per_token)
+    result.update({f"val_{k}": v / max(units, 1e-12) for k, v in extra.items()})  # means per unit
     result["val_windows"] = eval_batches(len(data), batch_size, batches, world) * batch_size * world
     return result

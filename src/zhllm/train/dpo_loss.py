@@ -208,6 +208,11 @@ class DPO:
     def weight(self, batch: dict) -> float:
         return float(batch["input_ids"].shape[0] // 2)
 
+    def prepare(self, trainer) -> None:
+        """Called by the Trainer before the first step: a reference that needs the placed model sets up here."""
+        if self.loss_type not in REFERENCE_FREE and hasattr(self.reference, "prepare"):
+            self.reference.prepare(trainer)
+
     def loss(self, model: torch.nn.Module, batch: dict) -> DPOLossOutput:
         logps, lengths, token_logps = forward_logps(model, batch)
         b = logps.shape[0] // 2

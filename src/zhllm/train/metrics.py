@@ -155,7 +155,9 @@ def _drop_records_after(path: Path, step: int) -> None:
 
 def train_line(r: dict) -> str:
     mfu = f" mfu {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
-    return (f"step {r['step']}/{r['max_steps']} loss {r['loss']:.4f} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
+    # an objective's own figures are namespaced ("rewards/margins"); the console shows the two that say most
+    extra = "".join(f" {k.split('/')[-1]} {r[k]:.3f}" for k in ("rewards/margins", "rewards/accuracy") if k in r)
+    return (f"step {r['step']}/{r['max_steps']} loss {r['loss']:.4f}{extra} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
             f"tok/s {r['tokens_per_s']:.0f}{mfu} mem {r['memory_gb']:.2f}GB eta {'-' if r['eta_s'] is None else format_eta(r['eta_s'])}")
 
 
@@ -177,7 +179,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """plots/loss.png (train and val), plots/lr.png, plots/throughput.png from metrics.jsonl."""
+    """plots/loss.png (train and val), plots/lr.png, plots/throughput.png from metrics.jsonl; for a preference
+    run also plots/rewards.png (chosen, rejected, margin) and plots/accuracy.png (preference accuracy)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -190,13 +193,19 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     panels = [("loss", [("train", train, "loss"), ("val", val, "val_loss")], "loss (nats/token)"),
               ("lr", [("lr", train, "lr")], "learning rate"),
               ("throughput", [("tokens/s", train, "tokens_per_s")], "tokens/s")]
+    if any("rewards/margins" in r for r in train):
+        panels += [("rewards", [("chosen", train, "rewards/chosen"), ("rejected", train, "rewards/rejected"),
+                                ("margin", train, "rewards/margins"), ("val margin", val, "val_rewards/margins")],
+                    "reward (β × log-ratio)"),
+                   ("accuracy", [("train", train, "rewards/accuracy"), ("val", val, "val_rewards/accuracy")],
+                    "preference accuracy")]
     written = []
     for name, series, ylabel in panels:
         fig, ax = plt.subplots(figsize=(7, 4))
         for label, rows, key in series:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=label, marker="o" if label == "val" else None, markersize=3)
+                ax.plot(*zip(*pts), label=label, marker="o" if label.startswith("val") else None, markersize=3)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -51,7 +51,7 @@ def build_model(cfg: RunConfig, source: str, vocab_size: int, eos_id: int | None
 
 
 PRETRAIN = Stage(
-    name="pretrain", config=RunConfig, objective=lambda cfg: CausalLM(),
+    name="pretrain", config=RunConfig, objective=lambda run, model: CausalLM(),
     open_data=lambda run: open_token_data(run.cfg),
     build_model=lambda run, train: build_model(run.cfg, run.source, train.vocab_size,
                                                getattr(train, "eos_id", None), run.resume_dir))

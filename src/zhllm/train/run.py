@@ -1,7 +1,8 @@
 """The one stage launcher: `run_stage(stage, recipe)` does every step a training stage shares.
 
 A stage is a record (`Stage`): its config class (train/config.py's StageConfig plus its own data section),
-how it opens its data, how it builds its model, its objective (train/objectives.py) and, optionally, checks
+how it opens its data, how it builds its model, its objective (train/objectives.py; made from the run and
+the model, as DPO's reference needs the model) and, optionally, checks
 to make before any process group exists and checkpoint hooks. The launcher owns the rest, once: loading and
 validating the recipe, threads and seed, the out_dir policy (outputs.py), the resume guard, distributed
 init, the seq_len check, the resolved config.yaml and the Trainer. Adding a stage = a record + an objective +
@@ -51,7 +52,7 @@ def default_inputs(cfg: StageConfig) -> list[str]:
 class Stage:
     name: str                                               # command, configs/<name>/ recipes, out_dir marker
     config: type[StageConfig]
-    objective: Callable[[StageConfig], Objective]
+    objective: Callable[[StageRun, torch.nn.Module], Objective]  # (run, the model built) -> its objective
     open_data: Callable[[StageRun], tuple[Any, Any]]        # (train, val or None): datasets with .batch()
     build_model: Callable[[StageRun, Any], torch.nn.Module]  # (run, train data) -> the model to train
     prepare: Callable[[StageRun], None] | None = None       # checks and loads before the process group
@@ -97,7 +98,7 @@ def run_stage(stage: Stage, recipe: str | Path, overrides: list[str] | None = No
             claim_output_dir(out, stage.name, flag="out_dir", recognise=lambda p: _earlier_run(stage, p))
             atomic_write_text(out / "config.yaml", yaml.safe_dump(_dump(cfg), allow_unicode=True, sort_keys=False))
         export, extra = stage.checkpoint_hooks(run) if stage.checkpoint_hooks else (None, None)
-        trainer = Trainer(cfg, stage.objective(cfg), model, train, val, tokenizer_dir=run.tokenizer_dir,
+        trainer = Trainer(cfg, stage.objective(run, model), model, train, val, tokenizer_dir=run.tokenizer_dir,
                           resume_dir=resume_dir, dist=d, export_model=export, checkpoint_extra=extra)
         return trainer.fit()
     finally:

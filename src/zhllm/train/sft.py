@@ -111,13 +111,13 @@ def open_sft_data(cfg: SftConfig, tokenizer, log=print):
     return train, val
 
 
-def prepare_model(cfg: SftConfig, init_from: str, resume_dir: Path | None):
-    """Base weights (or a full-FT checkpoint to resume), then LoRA / freezing / NEFTune as configured."""
+def load_policy(lora: LoraSection, init_from: str, resume_dir: Path | None) -> torch.nn.Module:
+    """Base weights (or a full-FT checkpoint to resume) with LoRA as configured: what SFT and DPO train."""
     from ..model.io import load_model
-    from .lora import apply_lora, enable_neftune, freeze_params, load_adapter
-    full_resume = resume_dir is not None and not cfg.lora.enabled
+    from .lora import apply_lora, load_adapter
+    full_resume = resume_dir is not None and not lora.enabled
     model = load_model(resume_dir if full_resume else init_from, dtype=torch.float32, train=True)
-    if cfg.lora.enabled:
+    if lora.enabled:
         for p in model.parameters():
             p.requires_grad_(False)
         if resume_dir is not None:
@@ -125,8 +125,14 @@ def prepare_model(cfg: SftConfig, init_from: str, resume_dir: Path | None):
             for n, p in model.named_parameters():
                 p.requires_grad_("lora_" in n)
         else:
-            lc = cfg.lora
-            model = apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.target, lc.rslora, lc.qlora)
+            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target, lora.rslora, lora.qlora)
+    return model
+
+
+def prepare_model(cfg: SftConfig, init_from: str, resume_dir: Path | None):
+    """The policy (load_policy), then freezing / NEFTune as configured."""
+    from .lora import enable_neftune, freeze_params
+    model = load_policy(cfg.lora, init_from, resume_dir)
     if cfg.freeze.embeddings or cfg.freeze.first_layers:
         freeze_params(model, cfg.freeze.embeddings, cfg.freeze.first_layers)
     if cfg.neftune_alpha > 0:
@@ -183,7 +189,7 @@ def build_sft_model(run: StageRun, train) -> torch.nn.Module:
 
 
 SFT = Stage(
-    name="sft", config=SftConfig, objective=lambda cfg: MaskedCausalLM(), prepare=resolve_init_from,
+    name="sft", config=SftConfig, objective=lambda run, model: MaskedCausalLM(), prepare=resolve_init_from,
     open_data=lambda run: open_sft_data(run.cfg, run.tokenizer, log=run.echo), build_model=build_sft_model,
     checkpoint_hooks=lambda run: lora_checkpoint_hooks(run.init_from) if run.cfg.lora.enabled else (None, None))
 

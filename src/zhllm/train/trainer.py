@@ -79,6 +79,9 @@ class Trainer:
         self.consecutive_nonfinite = 0
         if resume_dir is not None:
             self._resume(resume_dir, resumed)
+        if hasattr(objective, "prepare"):
+            # once the model is placed, parallelised and resumed: e.g. DPO computes or loads its reference here
+            objective.prepare(self)
 
     # ---- setup ----
     def _concrete_precision(self, t, resumed: TrainerState | None):
@@ -131,12 +134,15 @@ class Trainer:
         global_weight = par.all_reduce_sum(self.d, [local_weight])[0]
         scale = self.d.world / global_weight  # DDP/FSDP average gradients over ranks
         loss_total = torch.zeros((), device=self.d.device, dtype=torch.float32)
+        extra: dict[str, float] = {}  # an objective's own figures (LossOutput.metrics), sums over its units
         for m, batch in enumerate(batches):
             with par.no_sync(self.wrapped, m == len(batches) - 1), self.autocast:
                 out = self.objective.loss(self.wrapped, batch)
             loss = out.loss_sum * scale
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += out.loss_sum.detach().float()
+            for k, v in getattr(out, "metrics", {}).items():
+                extra[k] = extra.get(k, 0.0) + v
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.master is not None:
@@ -145,7 +151,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        loss_value = par.all_reduce_sum(self.d, [float(loss_total)])[0] / global_weight
+        sums = par.all_reduce_sum(self.d, [float(loss_total), *extra.values()])
+        loss_value = sums[0] / global_weight
+        extra = {k: v / global_weight for k, v in zip(extra, sums[1:])}
         grad_norm = float(grad_norm)
         lr = lr_at(self.state.step, lr=t.lr, total_steps=self.max_steps, warmup_steps=t.warmup_steps,
                    schedule=t.schedule, min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
@@ -173,7 +181,7 @@ class Trainer:
         self.state.data_position += t.grad_accum * self.d.world * t.batch_size
         self.state.tokens_seen += self.tokens_per_step
         return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "data_s": t_data,
-                "step_s": time.perf_counter() - t0, "finite": finite}
+                "step_s": time.perf_counter() - t0, "finite": finite, "metrics": extra}
 
     # ---- periodic work ----
     def evaluate(self) -> dict:
@@ -235,7 +243,7 @@ class Trainer:
         bar = _progress(cfg.log.progress and self.d.is_main, self.max_steps, st.step)
         if bar is not None:
             logger.echo = bar.write
-        window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0}
+        window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0, "metrics": {}}
         warming_up = True  # the first window holds kernel selection and compilation: no ETA from it
         saved_at = st.step if st.step else None
         t_start = time.perf_counter()
@@ -248,6 +256,8 @@ class Trainer:
                 if r["finite"]:
                     window["loss"] += r["loss"]
                     window["steps"] += 1
+                    for k, v in r["metrics"].items():
+                        window["metrics"][k] = window["metrics"].get(k, 0.0) + v
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{r['loss']:.3f}")
@@ -261,9 +271,10 @@ class Trainer:
                            "skipped_steps": st.skipped_steps,
                            "eta_s": None if warming_up else
                            (self.max_steps - st.step) * window["time"] / max(window["tokens"] / self.tokens_per_step, 1)}
+                    rec.update({k: v / max(window["steps"], 1) for k, v in window["metrics"].items()})
                     logger.log(rec, train_line(rec))
                     warming_up = False
-                    window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0}
+                    window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0, "metrics": {}}
                 last = st.step == self.max_steps
                 if cfg.eval.every and (st.step % cfg.eval.every == 0 or last):
                     ev = self.evaluate()
@@ -308,6 +319,7 @@ def _eval_line(step: int, ev: dict) -> str:
         parts.append(f"val_loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}")
     if "val_bpb" in ev:
         parts.append(f"bpb {ev['val_bpb']:.4f}")
+    parts += [f"{k.removeprefix('val_')} {v:.4f}" for k, v in ev.items() if k.startswith("val_") and "/" in k]
     lines = [" ".join(parts)] + [f"  sample: {s}" for s in ev.get("samples", [])]
     return "\n".join(lines)
 
