@@ -38,8 +38,10 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
 
     if not 1 <= port <= 65535:
         raise ZhllmError(f"--port must be in 1..65535, got {port}")
-    if max_tokens < 1:
-        raise ZhllmError(f"--max-tokens must be >= 1, got {max_tokens}")
+    for flag, value in [("--max-tokens", max_tokens), ("--max-batch", max_batch), ("--max-queue", max_queue),
+                        ("--max-body-bytes", max_body_bytes)]:
+        if value < 1:
+            raise ZhllmError(f"{flag} must be >= 1, got {value}")
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     engine = Engine.load(model_dir, device=device, dtype=dtype, quantize=quantize)
     name = model_name or Path(model_dir).resolve().name
