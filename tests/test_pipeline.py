@@ -38,6 +38,16 @@ TINY = [
     "sft.recipe.checkpoint.every=2",
     "sft.recipe.log.progress=false",
     "sft.recipe.log.tensorboard=false",
+    "dpo.prompts=12",
+    "dpo.max_new_tokens=8",
+    "dpo.recipe.train.max_steps=4",
+    "dpo.recipe.train.batch_size=2",
+    "dpo.recipe.train.seq_len=128",
+    "dpo.recipe.data.val_fraction=0.2",
+    "dpo.recipe.eval.every=2",
+    "dpo.recipe.checkpoint.every=2",
+    "dpo.recipe.log.progress=false",
+    "dpo.recipe.log.tensorboard=false",
     "eval.tasks=4",
     "eval.max_new_tokens=8",
 ]
@@ -52,16 +62,19 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     run = tmp_path / "demo"
     logs = []
     results = run_pipeline(DEMO, overrides(run), log=logs.append)
-    assert set(results) == {"corpus", "clean", "tokenizer", "tokenize", "pretrain", "sft", "eval", "report"}
+    assert set(results) == {"corpus", "clean", "tokenizer", "tokenize", "pretrain", "sft", "dpo", "eval", "report"}
     assert results["clean"]["report"]["docs_kept"] > 500
     assert (run / "tokenizer" / "tokenizer" / "tokenizer.json").is_file()
     assert json.loads((run / "tokenize" / "shards" / "meta.json").read_text())["vocab_size"] == 512
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "dpo"):
         ckpt = Path(results[stage]["checkpoint"])
         assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
         assert results[stage]["step"] == results[stage]["max_steps"]
     ev = json.loads((run / "eval" / "eval.json").read_text())
-    assert set(ev) == {"pretrain", "sft"}
+    assert set(ev) == {"pretrain", "sft", "dpo"}
+    pairs = results["dpo"]["pairs"]
+    assert pairs["sampled"] == pairs["wrong"] + pairs["right"] and pairs["pairs"] == (pairs["wrong"] or pairs["right"])
+    assert (run / "dpo" / "run" / "reference_logps.npz").is_file()
     for m in ev.values():
         assert 0 < m["val_bpb"] < 20 and 0.0 <= m["task_accuracy"] <= 1.0 and m["tasks"] == 4
     # the eval table's pretrain row re-measures training's last periodic eval: same checkpoint, same windows
@@ -73,7 +86,8 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     assert abs(ev["pretrain"]["val_loss"] - trained["val_loss"]) < 0.02
     report = (run / "report.md").read_text()
     assert "The pretrain row re-measures the training section's last val loss" in report
-    for needle in ("## What ran", "## Evaluation", "| pretrain |", "| sft |", "zhllm chat", ".png"):
+    for needle in ("## What ran", "## Evaluation", "| pretrain |", "| sft |", "| dpo |", "zhllm chat", ".png",
+                   "preference accuracy", "![dpo rewards]"):
         assert needle in report
     for png in Path(results["pretrain"]["run_dir"]).glob("plots/*.png"):
         assert png.stat().st_size > 1000
@@ -81,14 +95,20 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     # a second run skips every stage
     logs.clear()
     run_pipeline(DEMO, overrides(run), log=logs.append)
-    assert sum("up to date, skipped" in line for line in logs) == 8
+    assert sum("up to date, skipped" in line for line in logs) == 9
 
     # touching the SFT config re-runs only SFT and what follows
     logs.clear()
     run_pipeline(DEMO, overrides(run, "sft.recipe.train.lr=5e-4"), log=logs.append)
-    progress = (re.match(r"\[stage \d/8 (\w+)\] running \(elapsed \d+m\d\ds\)$", line) for line in logs)
+    progress = (re.match(r"\[stage \d/9 (\w+)\] running \(elapsed \d+m\d\ds\)$", line) for line in logs)
     ran = [m.group(1) for m in progress if m]
-    assert ran == ["sft", "eval", "report"]
+    assert ran == ["sft", "dpo", "eval", "report"]
+
+    # touching only the DPO recipe re-runs DPO and what follows
+    logs.clear()
+    run_pipeline(DEMO, overrides(run, "sft.recipe.train.lr=5e-4", "dpo.recipe.dpo.beta=0.2"), log=logs.append)
+    ran = [m.group(1) for m in (re.match(r"\[stage \d/9 (\w+)\] running", line) for line in logs) if m]
+    assert ran == ["dpo", "eval", "report"]
 
 
 def test_killed_pipeline_resumes_pretraining(tmp_path):
@@ -119,7 +139,7 @@ def test_bad_pipeline_config_is_one_line_error(tmp_path):
 
 def test_a_typo_in_a_recipe_fails_before_any_stage_runs(tmp_path):
     run = tmp_path / "demo"
-    for key in ("pretrain.train.lrr", "sft.recipe.train.lrr"):
+    for key in ("pretrain.train.lrr", "sft.recipe.train.lrr", "dpo.recipe.train.lrr"):
         r = subprocess.run([sys.executable, "-m", "zhllm", "pipeline", str(DEMO), "--set", f"out_dir={run}",
                             "--set", f"{key}=1"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -1,6 +1,6 @@
 """The pipeline's config: one YAML file with a section per stage, loaded and checked before any stage runs.
 
-The pretrain and SFT recipes inside it are typed by their stages' own config classes here too (`typed_recipes`),
+The pretrain, SFT and DPO recipes inside it are typed by their stages' own config classes here too (`typed_recipes`),
 so a typo in either fails when the file loads, naming the key, instead of after the four stages before them.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ..config import from_dict, load_config, merge
 
 if TYPE_CHECKING:
     from ..train.config import RunConfig
+    from ..train.dpo import DpoConfig
     from ..train.sft import SftConfig
 
 BUILTIN_DEMO = "builtin:demo"
@@ -55,6 +56,20 @@ class SftSection:
 
 
 @dataclass
+class DpoPipelineSection:
+    enabled: bool = True           # runs after sft (skipped when sft is disabled)
+    # builtin:demo = training tasks with the SFT model's wrong answers as rejected; files = records with a
+    # prompt and a chosen answer (preference or SFT records)
+    inputs: list[str] = field(default_factory=lambda: [BUILTIN_DEMO])
+    make_rejected: bool = True     # files: rejected = the SFT model's own answers; false: the files' own pairs
+    prompts: int = 300             # builtin:demo: training tasks asked
+    samples: int = 2               # answers sampled per prompt
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    recipe: dict[str, Any] = field(default_factory=dict)  # a DPO recipe (configs/dpo/*.yaml shape)
+
+
+@dataclass
 class PipelineEvalSection:
     tasks: int = 100               # held-out demo tasks answered greedily by each model
     max_new_tokens: int = 40
@@ -74,6 +89,7 @@ class PipelineConfig:
     tokenize: TokenizeSection = field(default_factory=TokenizeSection)
     pretrain: dict[str, Any] = field(default_factory=dict)  # a pretrain recipe (configs/pretrain/*.yaml shape)
     sft: SftSection = field(default_factory=SftSection)
+    dpo: DpoPipelineSection = field(default_factory=DpoPipelineSection)
     eval: PipelineEvalSection = field(default_factory=PipelineEvalSection)
 
 
@@ -82,6 +98,7 @@ class StageRecipes:
     """The recipes as their stages read them; only the paths the pipeline fills in (`*_paths`) differ."""
     pretrain: RunConfig
     sft: SftConfig
+    dpo: DpoConfig
 
 
 def pretrain_paths(shards: str, run_dir: str) -> dict:
@@ -94,18 +111,27 @@ def sft_paths(init_from: str, inputs: list[str], run_dir: str) -> dict:
     return {"model": {"init_from": init_from}, "data": {"path": inputs}, "out_dir": run_dir}
 
 
+def dpo_paths(init_from: str, inputs: list[str], run_dir: str) -> dict:
+    """What the pipeline writes into the DPO recipe: the SFT checkpoint, the preference pairs, the run directory."""
+    return {"model": {"init_from": init_from}, "data": {"path": inputs}, "out_dir": run_dir}
+
+
 def typed_recipes(cfg: PipelineConfig, source: str) -> StageRecipes:
-    """Both recipes built into their stages' config classes and validated as `zhllm pretrain` / `zhllm sft` do,
+    """The training recipes built into their stages' config classes and validated as `zhllm pretrain` / `zhllm sft` do,
     with placeholders for the paths only a finished earlier stage knows.
 
     The one place that knows how a stage types its recipe: when train/ changes that, only this changes."""
     from ..train.config import RunConfig
+    from ..train.dpo import DpoConfig
     from ..train.sft import SftConfig
     pretrain = merge(cfg.pretrain, pretrain_paths("<tokenize stage's shards>", "<pretrain stage's run>"))
     sft = merge(cfg.sft.recipe, sft_paths("<pretrain stage's checkpoint>", ["<sft inputs>"], "<sft stage's run>"))
     return StageRecipes(
         pretrain=from_dict(RunConfig, pretrain, source, "pretrain.").validate(f"{source}, pretrain"),
-        sft=from_dict(SftConfig, sft, source, "sft.recipe.").validate(f"{source}, sft.recipe"))
+        sft=from_dict(SftConfig, sft, source, "sft.recipe.").validate(f"{source}, sft.recipe"),
+        dpo=from_dict(DpoConfig, merge(cfg.dpo.recipe, dpo_paths("<sft stage's checkpoint>", ["<dpo pairs>"],
+                                                                 "<dpo stage's run>")),
+                      source, "dpo.recipe.").validate(f"{source}, dpo.recipe"))
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None

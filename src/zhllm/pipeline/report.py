@@ -64,6 +64,21 @@ def _eval_notes(ev: dict, results: dict) -> list[str]:
     return notes
 
 
+def _dpo_lines(r: dict, last: dict | None) -> list[str]:
+    """Where the pairs came from, and the held-out preference figures of the run's last periodic eval."""
+    out = []
+    made = r.get("pairs") or {}
+    if made:
+        out.append(f"- pairs: {made['pairs']} (chosen = the correct answer, rejected = the SFT model's own sampled "
+                   f"answer; {made['wrong']} of its {made['sampled']} samples to {made['prompts']} training tasks "
+                   "were wrong" + (", only those kept)" if made["wrong"] else "; none wrong, so its right ones)"))
+    if last and "val_rewards/accuracy" in last:
+        out.append(f"- held-out pairs at step {last['step']}: preference accuracy {last['val_rewards/accuracy']:.1%}, "
+                   f"reward margin {_fmt(last['val_rewards/margins'])}, DPO loss {_fmt(last['val_loss'])} "
+                   f"(ln 2 = {_fmt(0.6931)} at the start)")
+    return out
+
+
 def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
     from ..train.metrics import plot_run
     lines = [f"# zhllm pipeline report: {cfg.name}", ""]
@@ -91,14 +106,16 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
                   + (f", {tok['chars_per_token']:.2f} characters per token on held-out text" if tok.get("chars_per_token") else ""), ""]
 
     lines += ["## Training", ""]
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "dpo"):
         r = results.get(stage)
         if not r:
             continue
         lines += [f"### {stage}", "", f"- model: {_model_line(r['checkpoint'])}",
                   f"- steps {r.get('step')}, tokens seen {r.get('tokens_seen')}, {r.get('seconds', 0):.0f} s"]
         last = _last_eval(r)
-        if last:
+        if stage == "dpo":
+            lines += _dpo_lines(r, last)
+        elif last:
             windows = f"first {last['val_windows']} windows" if last.get("val_windows") else "first windows"
             what = ("the assistant replies of held-out conversations, not the text of the Evaluation table"
                     if stage == "sft" else f"the {windows} of the val split")
@@ -120,15 +137,16 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
             lines.append(f"| {stage} | {_fmt(m['val_loss'])} | {_fmt(m['val_ppl'], 2)} | {_fmt(m['val_bpb'])} | "
                          f"{m['task_accuracy']:.1%} ({m['tasks']} tasks) |")
         lines.append("")
-        answers = run_dir / "eval" / "answers_sft.jsonl"
-        if answers.is_file():
+        chat_stage = next((s for s in ("dpo", "sft") if (run_dir / "eval" / f"answers_{s}.jsonl").is_file()), None)
+        answers = run_dir / "eval" / f"answers_{chat_stage}.jsonl"
+        if chat_stage:
             rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()[:cfg.eval.samples]]
-            lines += ["## Sample chats (SFT model, held-out questions)", ""]
+            lines += [f"## Sample chats ({chat_stage.upper()} model, held-out questions)", ""]
             for row in rows:
                 mark = "✓" if row["correct"] else "✗"
                 lines += [f"> **用户**：{row['question']}", ">", "> **助手**：" + row["output"].strip().replace("\n", "\n> "), "",
                           f"{mark} expected answer: {row['answer']}", ""]
-    final = results.get("sft", results.get("pretrain"))
+    final = results.get("dpo", results.get("sft", results.get("pretrain")))
     if final:
         lines += ["## Next", "", f"- chat with the model: `zhllm chat {_rel(final['checkpoint'], Path.cwd())}`",
                   f"- plots and metrics: `zhllm plot {_rel(final['run_dir'], Path.cwd())}`, TensorBoard in `tb/`",

@@ -16,8 +16,8 @@ import yaml
 from ..config import merge, to_dict
 from ..errors import ConfigError, ZhllmError
 from ..fsutil import atomic_write_text
-from .config import (BUILTIN_DEMO, PipelineConfig, StageRecipes, load_pipeline_config, pretrain_paths,
-                     sft_paths)
+from .config import (BUILTIN_DEMO, PipelineConfig, StageRecipes, dpo_paths, load_pipeline_config,
+                     pretrain_paths, sft_paths)
 from .runner import STARTED_FILE, StageOutcome, StageRunner, files_fingerprint
 
 PIPELINE_COMMAND = "pipeline"
@@ -120,14 +120,48 @@ def sft(run: PipelineRun) -> StageOutcome:
     return run.runner.run("sft", to_dict(s), run.upstream + _input_fingerprint(s.inputs), fn)
 
 
+def dpo(run: PipelineRun) -> StageOutcome:
+    from ..train.dpo import run_dpo
+    s = run.cfg.dpo
+
+    def fn(d: Path) -> dict:
+        sft_model = run.results["sft"]["checkpoint"]
+        inputs, made = [], {}
+        if BUILTIN_DEMO in s.inputs:
+            from ..align.demo_pairs import write_demo_preferences
+            made = write_demo_preferences(sft_model, d, s.prompts, s.samples, s.temperature, s.max_new_tokens,
+                                          run.cfg.seed)
+            run.runner.log(f"[dpo] pairs: {made['pairs']} from {made['prompts']} training tasks "
+                           f"({made['wrong']} wrong sampled answers, {made['right']} right ones)")
+            inputs.append(made["path"])
+        files = [i for i in s.inputs if i != BUILTIN_DEMO]
+        if files and s.make_rejected:
+            from ..align.make_rejected import make_rejected
+            out = d / "rejected.jsonl"
+            if not out.is_file():  # a finished file survives a resumed stage; make_rejected resumes its own partial
+                stats = make_rejected(sft_model, files, out, num=s.samples, temperature=s.temperature,
+                                      max_new_tokens=s.max_new_tokens, seed=run.cfg.seed, progress=False)
+                run.runner.log(f"[dpo] make-rejected: {stats.summary().splitlines()[0]}")
+            inputs.append(str(out))
+        elif files:
+            inputs += files
+        run_dir = d / "run"
+        recipe = _recipe_file(d, s.recipe, dpo_paths(sft_model, inputs, str(run_dir)))
+        summary = _finished("dpo", run_dpo(recipe, resume=_resume_flag(run_dir)))
+        return {**summary, "run_dir": str(run_dir), "checkpoint": str(_final_checkpoint(run_dir)), "pairs": made}
+
+    return run.runner.run("dpo", to_dict(s), run.upstream + _input_fingerprint(s.inputs), fn)
+
+
 def evaluate(run: PipelineRun) -> StageOutcome:
     from ..eval.demo_tasks import evaluate_pipeline_models
     e, trained = run.cfg.eval, run.recipes.pretrain
 
     def fn(d: Path) -> dict:
         models = {"pretrain": run.results["pretrain"]["checkpoint"]}
-        if "sft" in run.results:
-            models["sft"] = run.results["sft"]["checkpoint"]
+        for stage in ("sft", "dpo"):
+            if stage in run.results:
+                models[stage] = run.results[stage]["checkpoint"]
         # the windows of pretraining's periodic eval, so its last val loss and this one measure the same text
         return evaluate_pipeline_models(models, run.results["tokenize"]["path"], d, e, trained.train.seq_len,
                                         run.cfg.seed, trained.train.batch_size, e.val_batches or trained.eval.batches,
@@ -149,7 +183,7 @@ def report(run: PipelineRun) -> StageOutcome:
 
 STAGES: dict[str, Callable[[PipelineRun], StageOutcome]] = {
     "corpus": corpus, "clean": clean, "tokenizer": tokenizer, "tokenize": tokenize, "pretrain": pretrain,
-    "sft": sft, "eval": evaluate, "report": report}
+    "sft": sft, "dpo": dpo, "eval": evaluate, "report": report}
 STAGE_ORDER = list(STAGES)
 
 
@@ -163,11 +197,13 @@ def run_pipeline(config: str | Path, overrides: list[str] | None = None, force: 
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until!r}: choose one of {', '.join(STAGE_ORDER)}")
     out = Path(cfg.out_dir)
-    inputs = [i for i in cfg.corpus.inputs + cfg.sft.inputs if i != BUILTIN_DEMO]
+    inputs = [i for i in cfg.corpus.inputs + cfg.sft.inputs + cfg.dpo.inputs if i != BUILTIN_DEMO]
     claim_output_dir(out, PIPELINE_COMMAND, inputs=[*inputs, cfg.tokenizer.path, cfg.clean.config],
                      overwrite=overwrite, flag="out_dir", recognise=_is_run_dir)
     last = STAGE_ORDER.index(until) if until else len(STAGE_ORDER) - 1
-    plan = [n for n in STAGE_ORDER[:last + 1] if n != "sft" or cfg.sft.enabled]
+    # dpo starts from the SFT model, so it runs only after an SFT stage
+    plan = [n for n in STAGE_ORDER[:last + 1] if (n != "sft" or cfg.sft.enabled)
+            and (n != "dpo" or (cfg.dpo.enabled and cfg.sft.enabled))]
     run = PipelineRun(cfg, recipes, StageRunner(out, force=force, log=log, plan=plan))
     atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
     for name in plan:
