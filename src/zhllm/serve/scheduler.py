@@ -157,7 +157,13 @@ class Scheduler:
         self.stops = set(engine.stop_ids)
         self.vocab = engine.vocab_size
         self._decoder_cache = FusedDecoderCache(engine.quantize)
-        self._cache = KVCache.empty(self.module.config, max_batch, engine.max_seq_len, engine.dtype, engine.device)
+        # Zeros, not torch.empty: a short row attends over the longest row's span with its tail masked, and a
+        # masked key or value that happens to be NaN garbage still poisons the row (0 * NaN in the softmax-V
+        # product). Keys left by a finished row are finite, so only the first use needs this.
+        shape = (self.module.config.n_layers, max_batch, self.module.config.n_kv_heads, engine.max_seq_len,
+                 self.module.config.head_dim)
+        self._cache = KVCache(torch.zeros(shape, dtype=engine.dtype, device=engine.device),
+                              torch.zeros(shape, dtype=engine.dtype, device=engine.device))
         self._inbox: queue.Queue[Request] = queue.Queue()
         self._waiting: deque[Request] = deque()
         self._pending = 0  # submitted, not yet running or gone: what max_queue limits
