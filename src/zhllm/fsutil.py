@@ -118,3 +118,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary sibling path to write a large file into; on success it replaces `path` by rename.
+
+    For outputs too big to hold in memory (atomic_write_bytes): the writer streams into the staging file.
+    Its name carries this host and process id, so the next writer of `path` removes what a killed run left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-{_HOST}-*-*"):
+        pid = stale.name.rsplit("-", 2)[-2]
+        if stale.is_file() and pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = _sibling(path, "tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -13,12 +13,14 @@ import sys
 from ..errors import ZhllmError
 
 # Modules that register commands; each has `register(root, groups)`.
-COMMAND_MODULES = ["model", "infer", "data", "shards", "tokenizer", "train", "sft", "pipeline", "dpo", "eval", "serve"]
+COMMAND_MODULES = ["model", "infer", "data", "shards", "tokenizer", "train", "sft", "pipeline", "dpo", "eval", "serve",
+                   "export"]
 GROUPS = {
     "model": "create, inspect and convert model checkpoints",
     "data": "clean corpora, pre-tokenise them into shards, inspect shards",
     "tokenizer": "train, extend and evaluate tokenizers",
     "dpo": "preference optimisation: train on preference pairs, make rejected answers with a model",
+    "export": "convert a checkpoint for other runtimes: GGUF for llama.cpp, Ollama, LM Studio",
 }
 
 
