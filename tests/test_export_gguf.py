@@ -29,6 +29,16 @@ def _llama_cpp():
                                                    "source with a C++ compiler and cmake)")
 
 
+def _random_biases(model):
+    """init_weights zeroes biases: seeded random ones make them count."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer_dir):
     """Lively random tiny models (large init: greedy output changes from token to token): a tied Llama whose
@@ -40,11 +50,7 @@ def models(tmp_path_factory, tokenizer_dir):
                        "qwen2": {"arch": "qwen2", "vocab_size": n_tok, "tie_embeddings": False}}.items():
         cfg = model_config_from("tiny", {"init_std": 0.3, **over})
         model = new_model(cfg, seed=3)
-        if cfg.attention_bias:  # init_weights zeroes biases: make them count
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n.endswith(".bias"):
-                        p.normal_(0, 0.3)
+        _random_biases(model)
         dirs[name] = save_model(model, root / name, tokenizer=tokenizer_dir)
     return dirs
 
@@ -98,8 +104,7 @@ def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("arch,kind,tol", [("llama", "f32", 1e-4), ("qwen2", "f32", 1e-4),
-                                           ("llama", "f16", 2e-2), ("qwen2", "bf16", 1e-1)])
+@pytest.mark.parametrize("arch,kind,tol", [("llama", "f32", 1e-4), ("qwen2", "f32", 1e-4), ("llama", "f16", 2e-2)])
 def test_llama_cpp_logits_and_greedy_tokens_equal_zhllm(models, files, arch, kind, tol):
     ids = _prompt_ids(models[arch])
     want_logits, want_tokens = _zhllm_greedy(models[arch], ids, N_NEW)
@@ -112,13 +117,30 @@ def test_llama_cpp_logits_and_greedy_tokens_equal_zhllm(models, files, arch, kin
     assert _llama_greedy(llm, ids, N_NEW) == want_tokens
 
 
-def test_q8_0_gives_the_same_greedy_tokens_on_most_steps(models, files):
-    ids = _prompt_ids(models["llama"])
-    _, want = _zhllm_greedy(models["llama"], ids, N_NEW)
+@pytest.mark.parametrize("arch,kind,tol", [("llama", "q8_0", 1e-1), ("qwen2", "bf16", 1e-1)])
+def test_rounded_files_give_the_same_greedy_tokens_on_most_steps(models, files, arch, kind, tol):
+    """bf16 keeps 8 bits of mantissa and q8_0 about as many: near-ties of these random models flip (7 to 12 of
+    12 steps agreed over 16 seeds), so most steps, not all; a wrong layout agrees on next to none."""
+    ids = _prompt_ids(models[arch])
+    want_logits, want = _zhllm_greedy(models[arch], ids, 2 * N_NEW)
     # teacher-forced on zhllm's continuation, so one early disagreement does not derail every later step
-    got = _llama_logits(_llama(files["llama", "q8_0"]), ids + want).argmax(-1)[len(ids) - 1:-1]
-    agree = sum(int(g) == w for g, w in zip(got, want))
-    assert agree >= 0.75 * N_NEW, (agree, got.tolist(), want)
+    got = _llama_logits(_llama(files[arch, kind]), ids + want)
+    assert np.abs(got[:len(ids)] - want_logits).max() <= tol * np.abs(want_logits).max()
+    agree = sum(int(g) == w for g, w in zip(got.argmax(-1)[len(ids) - 1:-1], want))
+    assert agree > len(want) / 2, (agree, want)
+
+
+@pytest.mark.parametrize("over", [{"attention_bias": True, "mlp_bias": True},
+                                  {"rope_scaling": {"type": "linear", "factor": 2.0}}], ids=["llama-biases", "linear-rope"])
+def test_llama_cpp_logits_for_llama_biases_and_linear_rope(tokenizer_dir, tmp_path, over):
+    cfg = model_config_from("tiny", {"init_std": 0.3, "vocab_size": len(load_tokenizer(tokenizer_dir)), **over})
+    model = _random_biases(new_model(cfg, seed=2))
+    model_dir = save_model(model, tmp_path / "m", tokenizer=tokenizer_dir)
+    ids = list(range(20, 80))
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0].numpy()
+    got = _llama_logits(_llama(export_gguf(model_dir, tmp_path / "m.gguf", type="f32").path), ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_llama_cpp_tokenizer_gives_our_ids_with_special_tokens(models, files):
