@@ -78,7 +78,7 @@ def run_zhllm(reference: str, lora: bool, model_dir: Path, data: Path, steps: in
 
     trainer_mod.Trainer.train_step, trainer_mod.Trainer.__init__ = timed_step, timed_init
     sets = [f"model.init_from={model_dir}", f"data.path={data}", f"out_dir={out}", f"train.max_steps={steps + warmup}",
-            f"train.batch_size={pairs}", f"train.seq_len={seq}", f"data.max_prompt_len={seq // 2}", "data.val_fraction=0",
+            f"train.batch_size={pairs}", "train.grad_accum=1", f"train.seq_len={seq}", f"data.max_prompt_len={seq // 2}", "data.val_fraction=0",
             "train.precision=bf16", "train.bf16_weights=false", "train.compile=false", "train.lr=5e-6",
             "eval.every=0", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false", "log.plots=false",
             f"dpo.reference={reference}", f"lora.enabled={str(lora).lower()}", "lora.r=16", "lora.dropout=0"]
