@@ -156,7 +156,7 @@ def _drop_records_after(path: Path, step: int) -> None:
 def train_line(r: dict) -> str:
     mfu = f" mfu {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
     # an objective's own figures are namespaced ("rewards/margins"); the console shows the two that say most
-    extra = "".join(f" {k.split('/')[-1]} {r[k]:.3f}" for k in ("rewards/margins", "rewards/accuracy") if k in r)
+    extra = "".join(f" {k.split('/')[-1]} {r[k]:.3f}" for k in ("rewards/margins", "rewards/accuracy", "reward", "kl") if k in r)
     return (f"step {r['step']}/{r['max_steps']} loss {r['loss']:.4f}{extra} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
             f"tok/s {r['tokens_per_s']:.0f}{mfu} mem {r['memory_gb']:.2f}GB eta {'-' if r['eta_s'] is None else format_eta(r['eta_s'])}")
 

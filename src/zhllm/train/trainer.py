@@ -220,11 +220,18 @@ class Trainer:
             if self.export_model is not None:
                 source = self.export_model(source)
             self.state.rng = capture_rng()
-            extra = (lambda tmp: self.checkpoint_extra(self.model, tmp)) if self.checkpoint_extra else None
+            extra = self._write_extra if self.checkpoint_extra or hasattr(self.objective, "save_state") else None
             path = save_checkpoint_atomic(self.ckpt_root, self.state, source, optim_sd, self.tokenizer_dir,
                                           self.cfg.checkpoint.keep, extra)
         par.barrier(self.d)
         return path
+
+    def _write_extra(self, staging: Path) -> None:
+        """The stage's files (e.g. a LoRA adapter) and the objective's state (e.g. GRPO's pending rollout)."""
+        if self.checkpoint_extra:
+            self.checkpoint_extra(self.model, staging)
+        if hasattr(self.objective, "save_state"):
+            self.objective.save_state(staging)
 
     def _weights_finite(self) -> bool:
         """This rank's weights (its shards under FSDP; the fp32 masters too when they exist) are all finite."""
@@ -269,6 +276,7 @@ class Trainer:
                            "data_share": window["data"] / max(window["time"], 1e-9),
                            "memory_gb": memory_gb(self.d.device), "tokens_seen": st.tokens_seen,
                            "skipped_steps": st.skipped_steps,
+                           "step_s": window["time"] / max(window["tokens"] / self.tokens_per_step, 1),
                            "eta_s": None if warming_up else
                            (self.max_steps - st.step) * window["time"] / max(window["tokens"] / self.tokens_per_step, 1)}
                     rec.update({k: v / max(window["steps"], 1) for k, v in window["metrics"].items()})

@@ -1,0 +1,221 @@
+"""The GRPO objective: sample G completions per prompt with the current policy, score them, and minimise the
+clipped, KL-regularised loss (grpo_loss.py) over `ppo_epochs` optimizer steps of each rollout.
+
+The shared Trainer drives it like any objective: `weight` is 1 per micro-batch (each micro-batch's loss is
+already a mean, as in TRL, so a step averages its micro-batches) and `loss(model, batch)` does the work. On a
+rollout's first pass it generates through the inference engine (infer/engine.py; a LoRA policy decodes
+through its adapters), computes rewards and group advantages, and, when needed, the sampling policy's and
+the reference's per-token log-probs (no gradient); later passes reuse that rollout. The rollout of the
+current step is written into each checkpoint (`grpo_rollouts.pt`) when more passes remain, so a run killed
+between two passes resumes bitwise. Sampling is seeded per rollout from (train.seed, its data position).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import ZhllmError
+from ..eval.loss import LossOutput
+from .grpo_loss import group_advantages, grpo_loss, token_logps_and_entropy
+
+ROLLOUT_FILE = "grpo_rollouts.pt"
+
+
+@dataclass
+class GrpoOutput(LossOutput):
+    metrics: dict[str, float] = field(default_factory=dict)  # per micro-batch means; the trainer averages them
+
+
+@dataclass
+class Rollout:
+    """One micro-batch's completions as training rows: prompt + completion, right-padded."""
+    input_ids: torch.Tensor    # (N, W)
+    positions: torch.Tensor    # (N, Tc): the position whose logits predict each completion token
+    targets: torch.Tensor      # (N, Tc): the completion tokens (0 at padding)
+    mask: torch.Tensor         # (N, Tc) bool: real completion tokens
+    advantages: torch.Tensor   # (N,)
+    metrics: dict[str, float]  # reward figures of the rollout
+    group: int                 # which rollout (ppo_epochs passes share it)
+    old_logps: torch.Tensor | None = None  # the sampling policy's, when passes > 1
+    ref_logps: torch.Tensor | None = None  # the reference's, when beta > 0
+
+    def to_state(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Rollout":
+        return cls(**state)
+
+
+@dataclass
+class Sampling:
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop_strings: list[str]
+
+
+class GRPO:
+    name = "grpo"
+
+    def __init__(self, sampling: Sampling, *, loss_type: str, scale_rewards: bool, epsilon_low: float,
+                 epsilon_high: float, beta: float, ppo_epochs: int, seed: int, grad_accum: int,
+                 reference: Callable | None, tokenizer, resume_dir: Path | None = None):
+        """reference(model) -> (module, context): what computes the reference's log-probs (a frozen copy, or
+        the policy inside `adapters_disabled`); None when beta == 0."""
+        self.sampling, self.loss_type, self.scale_rewards = sampling, loss_type, scale_rewards
+        self.epsilon_low, self.epsilon_high, self.beta = epsilon_low, epsilon_high, beta
+        self.ppo_epochs, self.seed, self.grad_accum = ppo_epochs, seed, grad_accum
+        self.reference, self.tokenizer, self.resume_dir = reference, tokenizer, resume_dir
+        self.buffer: dict[int, Rollout] = {}
+        self.echo = print
+
+    # ---- the trainer's hooks ----
+    def weight(self, batch: dict) -> float:
+        return 1.0
+
+    def prepare(self, trainer) -> None:
+        from ..infer.engine import Engine
+        self.data, self.policy, self.echo = trainer.train_data, trainer.model, trainer.echo
+        self.device = trainer.d.device
+        self.engine = Engine(trainer.model, self.tokenizer)
+        if hasattr(self.reference, "prepare"):
+            self.reference.prepare(trainer)
+        path = self.resume_dir / ROLLOUT_FILE if self.resume_dir is not None else None
+        if path is not None and path.is_file():
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+            except (RuntimeError, EOFError, OSError) as e:
+                raise ZhllmError(f"{path}: cannot read the stored rollout ({str(e).splitlines()[0]})") from None
+            self.buffer = {int(k): Rollout.from_state(v) for k, v in state.items()}
+
+    def save_state(self, checkpoint_dir: Path) -> None:
+        """Called as each checkpoint is written: the rollout later passes still need (nothing when it is done)."""
+        if self.ppo_epochs > 1 and self.buffer:
+            torch.save({str(k): r.to_state() for k, r in self.buffer.items()}, checkpoint_dir / ROLLOUT_FILE)
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> GrpoOutput:
+        source, pass_, group = (int(x) for x in batch["rollout"].tolist())
+        rollout_s = 0.0
+        rollout = self.buffer.get(source)
+        if rollout is None or rollout.group != group:
+            if pass_ > 0:
+                self.echo(f"grpo: the rollout of pass {pass_ + 1}/{self.ppo_epochs} is missing (a checkpoint made "
+                          "without it); sampling it again from the current policy")
+            t0 = time.perf_counter()
+            rollout = self._rollout(batch["prompt_index"].tolist(), source, group)
+            rollout_s = time.perf_counter() - t0
+            self.buffer = {k: r for k, r in self.buffer.items() if r.group == group}
+            self.buffer[source] = rollout
+        logps, entropy = self._token_logps(model, rollout, with_entropy=True)
+        old = rollout.old_logps if rollout.old_logps is not None else logps.detach()
+        out = grpo_loss(logps, old, rollout.ref_logps, rollout.advantages, rollout.mask, loss_type=self.loss_type,
+                        epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
+                        max_completion_length=self.sampling.max_new_tokens)
+        mask = rollout.mask.float()
+        metrics = {**rollout.metrics, "clip_ratio": out.clip_fraction,
+                   "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
+                   "rollout_s": rollout_s * self.grad_accum}
+        if out.kl is not None:
+            metrics["kl"] = out.kl
+        if len(self.buffer) and pass_ == self.ppo_epochs - 1:
+            self.buffer.pop(source, None)  # its last pass: nothing later needs it
+        return GrpoOutput(out.loss, 1.0, metrics)
+
+    # ---- rollouts ----
+    def _rollout(self, prompt_index: list[int], source: int, group: int) -> Rollout:
+        s = self.sampling
+        records = [self.data.records[i] for i in prompt_index]
+        seed = int(np.random.SeedSequence([self.seed, source]).generate_state(1, np.uint64)[0] >> 1)
+        was_training = self.policy.training
+        self.policy.eval()  # LoRA dropout off while sampling
+        try:
+            gen = self.engine.generate_batch([r.ids for r in records], n=s.group_size, seed=seed,
+                                             max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                             top_p=s.top_p, top_k=s.top_k, stop_strings=tuple(s.stop_strings))
+        finally:
+            self.policy.train(was_training)
+        rows = [(records[c.prompt_index], c) for c in gen.completions]
+        total, per_function = self.data.rewards.score(
+            [r.prompt for r, _ in rows], [c.text for _, c in rows], [r.answer for r, _ in rows],
+            [len(c.token_ids) for _, c in rows])
+        advantages = group_advantages(total, s.group_size, self.scale_rewards)
+        rollout = Rollout(*_training_rows([r.ids for r, _ in rows], [c.token_ids for _, c in rows], self.device),
+                          advantages=advantages.to(self.device),
+                          metrics=_reward_metrics(total, per_function, s.group_size, gen), group=group)
+        with torch.no_grad():
+            if self.ppo_epochs > 1:
+                rollout.old_logps = self._token_logps(self.policy, rollout)[0]
+            if self.beta != 0.0:
+                module, context = self.reference(self.policy)
+                with context:
+                    rollout.ref_logps = self._token_logps(module, rollout)[0]
+        return rollout
+
+    def _token_logps(self, model: torch.nn.Module, rollout: Rollout,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = model(rollout.input_ids)
+        picked = logits.gather(1, rollout.positions[..., None].expand(-1, -1, logits.shape[-1]))
+        logps, entropy = token_logps_and_entropy(picked, rollout.targets, self.sampling.temperature)
+        return logps * rollout.mask, entropy if with_entropy else None
+
+
+def _training_rows(prompts: list[list[int]], completions: list[list[int]], device) -> tuple[torch.Tensor, ...]:
+    """(input_ids, positions, targets, mask): prompt + completion per row, right-padded (a causal model's
+    real tokens never see the padding after them)."""
+    n = len(prompts)
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    tc = max(len(c) for c in completions)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    positions = torch.zeros(n, tc, dtype=torch.long)
+    targets = torch.zeros(n, tc, dtype=torch.long)
+    mask = torch.zeros(n, tc, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+        positions[i, :len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+        targets[i, :len(c)] = torch.tensor(c)
+        mask[i, :len(c)] = True
+    return ids.to(device), positions.to(device), targets.to(device), mask.to(device)
+
+
+def _reward_metrics(total: torch.Tensor, per_function: dict[str, torch.Tensor], group_size: int, gen) -> dict:
+    """TRL's names: reward and reward_std (mean over groups of the group's std), per-function mean and std,
+    completion lengths and the share cut at max_new_tokens."""
+    groups = total.view(-1, group_size)
+    metrics = {"reward": float(total.mean()),
+               "reward_std": float(groups.std(1).mean()) if group_size > 1 else 0.0}
+    for name, values in per_function.items():
+        metrics[f"rewards/{name}/mean"] = float(values.mean())
+        metrics[f"rewards/{name}/std"] = float(values.std()) if values.numel() > 1 else 0.0
+    lengths = torch.tensor([len(c.token_ids) for c in gen.completions], dtype=torch.float32)
+    metrics["completions/mean_length"] = float(lengths.mean())
+    metrics["completions/clipped_ratio"] = float(np.mean([c.finish_reason == "length" for c in gen.completions]))
+    return metrics
+
+
+class CopyReference:
+    """A frozen copy of the starting model (loaded from init_from, never from a resumed checkpoint)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval().requires_grad_(False)
+
+    def prepare(self, trainer) -> None:
+        policy = next(trainer.model.parameters())
+        self.model.to(device=policy.device, dtype=policy.dtype)
+
+    def __call__(self, policy: torch.nn.Module):
+        return self.model, nullcontext()
+
+
+def adapter_reference(policy: torch.nn.Module):
+    """The LoRA policy with its adapters off: the base model without a second copy."""
+    from .dpo_loss import adapters_disabled
+    return policy, adapters_disabled(policy)
