@@ -83,10 +83,8 @@ class GRPO:
         return 1.0
 
     def prepare(self, trainer) -> None:
-        from ..infer.engine import Engine
         self.data, self.policy, self.echo = trainer.train_data, trainer.model, trainer.echo
         self.device = trainer.d.device
-        self.engine = Engine(trainer.model, self.tokenizer)
         if hasattr(self.reference, "prepare"):
             self.reference.prepare(trainer)
         path = self.resume_dir / ROLLOUT_FILE if self.resume_dir is not None else None
@@ -135,12 +133,19 @@ class GRPO:
         s = self.sampling
         records = [self.data.records[i] for i in prompt_index]
         seed = int(np.random.SeedSequence([self.seed, source]).generate_state(1, np.uint64)[0] >> 1)
+        from ..infer.engine import Engine
+        # A fresh engine per rollout: fused AdamW updates weights without bumping the version counters a
+        # long-lived engine's fused decode cache watches, so a kept engine could sample from stale weights.
+        engine = Engine(self.policy, self.tokenizer)
         was_training = self.policy.training
         self.policy.eval()  # LoRA dropout off while sampling
+        # Sampling in the weights' own dtype: under the trainer's autocast the fused step would re-cast fp32
+        # weights at every token. The log-probs the loss uses come from the training forward below.
         try:
-            gen = self.engine.generate_batch([r.ids for r in records], n=s.group_size, seed=seed,
-                                             max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                             top_p=s.top_p, top_k=s.top_k, stop_strings=tuple(s.stop_strings))
+            with torch.autocast(self.device.type, enabled=False):
+                gen = engine.generate_batch([r.ids for r in records], n=s.group_size, seed=seed,
+                                            max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                            top_p=s.top_p, top_k=s.top_k, stop_strings=tuple(s.stop_strings))
         finally:
             self.policy.train(was_training)
         rows = [(records[c.prompt_index], c) for c in gen.completions]

@@ -1,0 +1,148 @@
+"""`zhllm grpo` through the shared loop: a tiny model learns a verifiable toy task, kill + --resume auto equals
+an uninterrupted run bitwise (mid-rollout, with a KL reference), LoRA with the adapter reference, and bad
+prompt files / broken reward functions are one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zhllm.cli import main
+from zhllm.train.grpo import run_grpo
+
+QUESTIONS = ["3加4等于几？", "10减3等于几？", "7乘1等于几？", "14除以2等于几？"]
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "answer": "7"}, ensure_ascii=False) + "\n" for q in QUESTIONS))
+    return path
+
+
+@pytest.fixture()
+def dense_reward(tmp_path):
+    """A reward that varies within every group from the first step (unlike "answer 7"), so updates happen."""
+    module = tmp_path / "dense_reward.py"
+    module.write_text("def distinct(completions, **kw):\n    return [len(set(c)) / 8 for c in completions]\n")
+    return f"rewards=[{{type: function, function: '{module}:distinct'}}, {{type: exact, weight: 0.5}}]"
+
+
+def sets(model_dir, data, out, *extra):
+    return [f"model.init_from={model_dir}", f"data.path={data}", f"out_dir={out}", "train.max_steps=6",
+            "train.batch_size=2", "train.seq_len=64", "train.lr=1e-2", "train.threads=1", "train.precision=fp32",
+            "grpo.max_new_tokens=3", "grpo.num_generations=4", "checkpoint.every=0", "log.every=1",
+            "log.progress=false", "log.tensorboard=false", "log.plots=false", *extra]
+
+
+def records(run_dir):
+    from zhllm.train.metrics import read_metrics
+    return [r for r in read_metrics(run_dir) if r.get("kind", "train") == "train"]
+
+
+def test_tiny_model_learns_to_answer_seven(tmp_path, tiny_model_dir, prompts_file):
+    """Reward 1 when the answer is 7: from chance (a random model over 400 tokens) to reliably 7."""
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    run_grpo("tiny", sets(tiny_model_dir, prompts_file, out, "train.max_steps=50", "train.batch_size=4",
+                          "grpo.num_generations=16", "grpo.beta=0.01"))
+    rs = records(out)
+    assert [r["step"] for r in rs] == list(range(1, 51))
+    first, last = rs[:3], rs[-5:]
+    assert sum(r["reward"] for r in first) / 3 < 0.2
+    assert sum(r["reward"] for r in last) / 5 > 0.8
+    assert all(r["rewards/exact/mean"] == r["reward"] for r in rs)  # one rule of weight 1
+    kls = [r["kl"] for r in rs]
+    assert kls[0] == pytest.approx(0, abs=1e-3) and max(kls) < 20 and sum(kls[-10:]) / 10 < 8
+    for key in ("reward_std", "clip_ratio", "entropy", "completions/mean_length", "completions/clipped_ratio",
+                "rollout_s", "step_s"):
+        assert all(key in r for r in rs), key
+    assert 0 < rs[-1]["rollout_s"] < rs[-1]["step_s"]
+    assert rs[-1]["entropy"] < rs[0]["entropy"]
+    assert (out / "checkpoints" / "step_50" / "model.safetensors").is_file()
+    assert not (out / "checkpoints" / "step_50" / "grpo_rollouts.pt").exists()  # nothing pending at the end
+
+
+def test_kill_between_passes_and_resume_is_bitwise_equal(tmp_path, tiny_model_dir, prompts_file, dense_reward):
+    torch.set_num_threads(1)  # the killed subprocess runs with one thread too: same kernels, same bits
+    extra = ["grpo.ppo_epochs=2", "grpo.beta=0.04", "checkpoint.every=3", dense_reward]
+    run_grpo("tiny", sets(tiny_model_dir, prompts_file, tmp_path / "ref", *extra))
+    args = [sys.executable, "-m", "zhllm", "grpo", "--config", "tiny"]
+    for s in sets(tiny_model_dir, prompts_file, tmp_path / "cut", *extra):
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ZHLLM_FAIL_AT_STEP": "3"}
+    died = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert died.returncode == 1, died.stderr[-2000:]
+    # step 3 is the first pass over the second rollout: step 4 must train on the same samples
+    assert (tmp_path / "cut" / "checkpoints" / "step_3" / "grpo_rollouts.pt").is_file()
+    run_grpo("tiny", sets(tiny_model_dir, prompts_file, tmp_path / "cut", *extra), resume="auto")
+    a, b = records(tmp_path / "ref"), records(tmp_path / "cut")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for key in ("loss", "reward", "kl", "clip_ratio", "entropy", "grad_norm"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert any(r["clip_ratio"] > 0 for r in a)  # second passes really moved the ratio
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "ref" / "checkpoints" / "step_6" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "checkpoints" / "step_6" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lora_policy_with_adapter_reference(tmp_path, tiny_model_dir, prompts_file, dense_reward):
+    torch.set_num_threads(1)
+    out = tmp_path / "lora"
+    run_grpo("tiny", sets(tiny_model_dir, prompts_file, out, "lora.enabled=true", "lora.r=4", "lora.dropout=0",
+                          "grpo.beta=0.1", "train.max_steps=3", "grpo.loss_type=dr_grpo", dense_reward))
+    rs = records(out)
+    assert rs[0]["kl"] == pytest.approx(0, abs=1e-6)  # adapters start at zero: policy == reference
+    assert rs[-1]["kl"] > 0
+    assert (out / "checkpoints" / "step_3" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_bad_prompt_records_are_skipped_or_named(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "3加4等于几？", "answer": 7}, ensure_ascii=False) + "\n"
+                    + json.dumps({"prompt": "没有答案的问题"}, ensure_ascii=False) + "\n"
+                    + "{not json\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "问"}, {"role": "assistant",
+                                                                                     "content": "7"}]}) + "\n")
+    out = tmp_path / "run"
+    run_grpo("tiny", sets(tiny_model_dir, data, out, "train.max_steps=1", "train.batch_size=2"))
+    log = capsys.readouterr().out
+    assert f"{data}:2: missing answer" in log and "2 prompts" in log
+    code = main(["grpo", "--config", "tiny", *sum((["--set", s] for s in sets(
+        tiny_model_dir, data, tmp_path / "strict", "data.strict=true")), [])])
+    assert code == 2
+    assert f"zhllm: error: {data}:2: missing answer" in capsys.readouterr().err
+    data.write_text(json.dumps({"question": "没有 prompt 字段"}, ensure_ascii=False) + "\n")
+    assert main(["grpo", "--config", "tiny", *sum((["--set", s] for s in sets(
+        tiny_model_dir, data, tmp_path / "none")), [])]) == 2
+    err = capsys.readouterr().err
+    assert "no usable prompt" in err and f"{data}:1: no prompt or messages field" in err
+
+
+def test_broken_reward_function_is_named_before_training(tmp_path, tiny_model_dir, prompts_file, capsys):
+    module = tmp_path / "my_rewards.py"
+    module.write_text("def score(prompts, completions, answer, **kw):\n    return {'not': 'a list'}\n")
+    base = sets(tiny_model_dir, prompts_file, tmp_path / "run", "train.max_steps=1")
+    args = ["grpo", "--config", "tiny", *sum((["--set", s] for s in base), [])]
+    rewards = f"rewards=[{{type: function, function: '{module}:score'}}]"
+    assert main(args + ["--set", rewards]) == 2
+    err = capsys.readouterr().err
+    assert f"'{module}:score' returned a dict" in err and "Traceback" not in err
+    missing = f"rewards=[{{type: function, function: '{module}:nothing'}}]"
+    assert main(args + ["--set", missing, "--set", f"out_dir={tmp_path / 'run2'}"]) == 2
+    assert "has no function nothing" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()  # refused before anything was written
+
+
+def test_ppo_epochs_passes_read_the_same_prompts(tiny_model_dir):
+    from zhllm.train.grpo_data import PromptDataset, PromptRecord
+    data = PromptDataset([PromptRecord(str(i), [i + 1], "7") for i in range(10)], None, seed=0, ppo_epochs=2,
+                         prompts_per_step=4)
+    steps = [data.batch(step * 4 + 2, 2) for step in range(4)]  # micro-batch 1 of each step
+    assert torch.equal(steps[0]["prompt_index"], steps[1]["prompt_index"])
+    assert torch.equal(steps[2]["prompt_index"], steps[3]["prompt_index"])
+    assert not torch.equal(steps[0]["prompt_index"], steps[2]["prompt_index"])
+    assert [s["rollout"].tolist() for s in steps] == [[2, 0, 0], [2, 1, 0], [6, 0, 1], [6, 1, 1]]
