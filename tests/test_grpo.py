@@ -47,7 +47,7 @@ def test_tiny_model_learns_to_answer_seven(tmp_path, tiny_model_dir, prompts_fil
     torch.set_num_threads(1)
     out = tmp_path / "run"
     run_grpo("tiny", sets(tiny_model_dir, prompts_file, out, "train.max_steps=50", "train.batch_size=4",
-                          "grpo.num_generations=16", "grpo.beta=0.01"))
+                          "grpo.num_generations=16", "grpo.beta=0.01", "log.plots=true"))
     rs = records(out)
     assert [r["step"] for r in rs] == list(range(1, 51))
     first, last = rs[:3], rs[-5:]
@@ -61,6 +61,7 @@ def test_tiny_model_learns_to_answer_seven(tmp_path, tiny_model_dir, prompts_fil
         assert all(key in r for r in rs), key
     assert 0 < rs[-1]["rollout_s"] < rs[-1]["step_s"]
     assert rs[-1]["entropy"] < rs[0]["entropy"]
+    assert (out / "plots" / "reward.png").is_file() and (out / "plots" / "kl.png").is_file()
     assert (out / "checkpoints" / "step_50" / "model.safetensors").is_file()
     assert not (out / "checkpoints" / "step_50" / "grpo_rollouts.pt").exists()  # nothing pending at the end
 

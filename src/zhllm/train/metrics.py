@@ -155,7 +155,7 @@ def _drop_records_after(path: Path, step: int) -> None:
 
 def train_line(r: dict) -> str:
     mfu = f" mfu {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
-    # an objective's own figures are namespaced ("rewards/margins"); the console shows the two that say most
+    # an objective's own figures are namespaced ("rewards/margins"); the console shows the few that say most
     extra = "".join(f" {k.split('/')[-1]} {r[k]:.3f}" for k in ("rewards/margins", "rewards/accuracy", "reward", "kl") if k in r)
     return (f"step {r['step']}/{r['max_steps']} loss {r['loss']:.4f}{extra} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
             f"tok/s {r['tokens_per_s']:.0f}{mfu} mem {r['memory_gb']:.2f}GB eta {'-' if r['eta_s'] is None else format_eta(r['eta_s'])}")
@@ -180,7 +180,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """plots/loss.png (train and val), plots/lr.png, plots/throughput.png from metrics.jsonl; for a preference
-    run also plots/rewards.png (chosen, rejected, margin) and plots/accuracy.png (preference accuracy)."""
+    run also plots/rewards.png (chosen, rejected, margin) and plots/accuracy.png (preference accuracy); for an
+    RL run plots/reward.png (total and per reward function) and plots/kl.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -199,6 +200,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                     "reward (β × log-ratio)"),
                    ("accuracy", [("train", train, "rewards/accuracy"), ("val", val, "val_rewards/accuracy")],
                     "preference accuracy")]
+    if any("reward" in r for r in train):  # an RL run: the total reward and each reward function's mean
+        names = sorted({k for r in train for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+        panels.append(("reward", [("total", train, "reward")] + [(k.split("/")[1], train, k) for k in names],
+                       "reward (mean per completion)"))
+        if any("kl" in r for r in train):
+            panels.append(("kl", [("kl", train, "kl")], "KL to the reference (k3, per token)"))
     written = []
     for name, series, ylabel in panels:
         fig, ax = plt.subplots(figsize=(7, 4))
