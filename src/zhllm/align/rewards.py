@@ -77,8 +77,17 @@ def length_penalty(tokens: int, target: int) -> float:
 
 # ---------------------------------------------------------------- user functions
 
+_LOADED: dict[str, Callable] = {}  # a file's module runs once per process, however often the recipe is read
+
+
 def load_function(spec: str) -> Callable:
     """`module:function` (importable) or `path/to/file.py:function`; errors name the spec."""
+    if spec not in _LOADED:
+        _LOADED[spec] = _load_function(spec)
+    return _LOADED[spec]
+
+
+def _load_function(spec: str) -> Callable:
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"reward function {spec!r}: write it as module:function or file.py:function")

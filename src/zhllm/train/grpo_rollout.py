@@ -124,7 +124,7 @@ class GRPO:
                    "rollout_s": rollout_s * self.grad_accum}
         if out.kl is not None:
             metrics["kl"] = out.kl
-        if len(self.buffer) and pass_ == self.ppo_epochs - 1:
+        if pass_ == self.ppo_epochs - 1:
             self.buffer.pop(source, None)  # its last pass: nothing later needs it
         return GrpoOutput(out.loss, 1.0, metrics)
 
