@@ -89,6 +89,28 @@ def test_no_decay_on_norms_biases_embeddings():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+
+def test_an_engine_kept_across_optimizer_steps_decodes_the_new_weights():
+    """CPU fused AdamW writes weights without bumping their version counters; the optimizer bumps them, so an
+    engine's fused decode weights (keyed by version) are rebuilt instead of decoding the old model."""
+    from zhllm.infer.engine import Engine
+    from zhllm.train.optim import adamw_kernel_options, build_optimizer
+    model = new_model(model_config_from("tiny", {"vocab_size": 64, "init_std": 0.3}), seed=0)
+    params = [p for p in model.parameters()]
+    opt = build_optimizer(model, lr=0.5, weight_decay=0.0, betas=(0.9, 0.95))
+    assert adamw_kernel_options(params) == {"fused": True}  # the case that needs the bump
+    engine = Engine(model)
+    prompt = [[1, 2, 3]]
+    before = engine.generate_batch(prompt, max_new_tokens=6, temperature=0.0).completions[0].token_ids
+    for _ in range(3):
+        model(torch.tensor([[5, 6, 7, 8]])).float().logsumexp(-1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    after = engine.generate_batch(prompt, max_new_tokens=6, temperature=0.0).completions[0].token_ids
+    fresh = Engine(model).generate_batch(prompt, max_new_tokens=6, temperature=0.0).completions[0].token_ids
+    assert after == fresh and fresh != before
+
+
 # ---- the loop ----
 def test_training_runs_and_keeps_checkpoints(tmp_path):
     tr = make_trainer(tmp_path, max_steps=6, lr=1e-2)

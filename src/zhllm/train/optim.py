@@ -8,6 +8,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -41,7 +42,12 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     groups = groups if groups is not None else parameter_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
     kernel = kernel if kernel is not None else adamw_kernel_options(params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **kernel)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **kernel)
+    if kernel.get("fused"):
+        # The fused kernel writes the weights without bumping their version counters, which is how an
+        # inference engine kept across steps (GRPO rollouts, in-loop samples) knows its decode weights are stale.
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: increment_version(params))
+    return optimizer
 
 
 def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int, schedule: str = "cosine",
