@@ -77,6 +77,41 @@ def register(root, groups) -> None:
     add_progress_flag(p)
     p.set_defaults(func=_tokenize_sft)
 
+    p = groups["data"].add_parser(
+        "self-instruct", help="generate SFT records from seed tasks with a model behind an OpenAI-compatible API",
+        description="The self-instruct loop: seed tasks -> new Chinese instructions -> answers, from any "
+                    "/v1/chat/completions endpoint. Drops near duplicates (of the seeds and of everything "
+                    "generated), too short/long, non-Chinese and refusing replies, with counts. Appends "
+                    "`messages` records to OUT one durable line at a time; re-run the same command to continue.")
+    p.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000 or https://host/v1")
+    p.add_argument("--model", required=True, help="model name sent with each request")
+    p.add_argument("--seeds", nargs="+", required=True, metavar="PATH",
+                   help="seed SFT records (alpaca / ShareGPT / messages / prompt-response; files, dirs or globs)")
+    p.add_argument("--out", "-o", required=True, help="output .jsonl (appended to; an existing one is continued)")
+    p.add_argument("--num", type=int, required=True, help="records OUT should hold in the end")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; unset = no key)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    p.add_argument("--max-retries", type=int, default=5, help="retries per request on errors, timeouts, "
+                                                               "429 and 5xx, with exponential backoff (default 5)")
+    p.add_argument("--retry-wait", type=float, default=1.0, help="seconds before the first retry (default 1)")
+    p.add_argument("--max-failures", type=int, default=5,
+                   help="stop after this many requests in a row fail even after their retries (default 5)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer (default 120)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="token limit of each answer (default 1024)")
+    p.add_argument("--seed-examples", type=int, default=3, help="seed tasks shown per prompt (default 3)")
+    p.add_argument("--generated-examples", type=int, default=2,
+                   help="generated tasks shown per prompt, once there are some (default 2)")
+    p.add_argument("--dedup-threshold", type=float, default=0.7,
+                   help="instructions whose character 3-gram Jaccard similarity to an earlier one is above "
+                        "this are near duplicates (default 0.7)")
+    p.add_argument("--min-cjk", type=float, default=0.2,
+                   help="least share of CJK characters in instruction and answer (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt sampling and request seeds")
+    add_progress_flag(p)
+    p.set_defaults(func=_self_instruct)
+
 
 def _clean(args) -> None:
     from ..data.clean import clean_corpus, format_clean_report, load_clean_config
@@ -112,4 +147,21 @@ def _tokenize_sft(a) -> None:
     report = tokenize_sft(a.input, a.tokenizer, a.out, max_len=a.max_len, fmt=a.format, overflow=a.overflow,
                           val_fraction=a.val_fraction, seed=a.seed, strict=a.strict, workers=a.workers,
                           progress=not a.no_progress, overwrite=a.overwrite)
+    print(report.table())
+
+
+def _self_instruct(a) -> None:
+    from ..data.openai_client import ChatClient
+    from ..data.self_instruct import SelfInstructConfig, SelfInstructStopped, self_instruct
+    client = ChatClient(a.endpoint, a.model, api_key=os.environ.get(a.api_key_env) or None, timeout=a.timeout,
+                        max_retries=a.max_retries, retry_wait=a.retry_wait)
+    cfg = SelfInstructConfig(num=a.num, seed_examples=a.seed_examples, generated_examples=a.generated_examples,
+                             temperature=a.temperature, max_tokens=a.max_tokens, concurrency=a.concurrency,
+                             max_failures=a.max_failures, min_cjk=a.min_cjk, dedup_threshold=a.dedup_threshold,
+                             seed=a.seed)
+    try:
+        report = self_instruct(client, a.seeds, a.out, cfg, progress=not a.no_progress)
+    except SelfInstructStopped as e:
+        print(e.report.table())  # the counts so far, then the one-line error
+        raise
     print(report.table())
