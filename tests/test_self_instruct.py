@@ -15,7 +15,7 @@ from zhllm.corpus.readers import iter_records
 from zhllm.data.chat import SFTStats, iter_conversations
 from zhllm.data.openai_client import ChatClient, chat_url
 from zhllm.data.self_instruct import (ANSWER_SYSTEM, SelfInstructConfig, SelfInstructStopped, clean_instruction,
-                                      is_refusal, self_instruct)
+                                      instruction_prompt, is_refusal, self_instruct)
 from zhllm.errors import ZhllmError
 
 COMMON = "的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后小么心多天而能好都然没日于起还发成事只作当想看文无开手用主行方又如前所本见经头面公同三已老从动两长知民样现"
@@ -141,6 +141,9 @@ def test_helpers_parse_replies_and_urls():
     assert chat_url("http://h:1") == chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
     with pytest.raises(ZhllmError, match="http"):
         chat_url("h:1")
+    # a seed holding a whole article is cut short in the prompt
+    prompt = instruction_prompt(["长" * 5000], [], SelfInstructConfig(num=1), random.Random(0))[0]["content"]
+    assert "长" * 300 + "……" in prompt and len(prompt) < 800
 
 
 def test_generates_n_records_dropping_duplicates_refusals_and_retrying_errors(tmp_path, seeds_file, tokenizer_dir):

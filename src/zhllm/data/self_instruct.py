@@ -56,6 +56,7 @@ REFUSAL_PHRASES = (
 # "新任务：", "任务 3：", "指令:" and "1." style lead-ins the model may put before its instruction.
 _LEAD_IN = re.compile(r"^\s*(?:(?:新的?)?(?:任务|指令)\s*\d*\s*[:：]|\d+\s*[.、:：)]|[-*]\s)\s*")
 _NEXT_TASK = re.compile(r"\n\s*(?:(?:新的?)?(?:任务|指令)\s*\d+\s*[:：])")
+EXAMPLE_CHARS = 300  # longest task shown in a prompt
 SHINGLE = 3  # characters per MinHash shingle: short Chinese instructions have few 5-grams
 _QUOTES = "\"'“”‘’「」『』"
 
@@ -311,8 +312,13 @@ def instruction_prompt(seeds: list[str], generated: list[str], cfg: SelfInstruct
     shown = rng.sample(seeds, min(cfg.seed_examples, len(seeds)))
     shown += rng.sample(generated, min(cfg.generated_examples, len(generated)))
     rng.shuffle(shown)
-    examples = "\n".join(f"任务{i}：{' '.join(t.split())}" for i, t in enumerate(shown, 1))
+    examples = "\n".join(f"任务{i}：{_shorten(' '.join(t.split()))}" for i, t in enumerate(shown, 1))
     return [{"role": "user", "content": INSTRUCTION_PROMPT.format(examples=examples)}]
+
+
+def _shorten(task: str) -> str:
+    # A seed holding a whole article as its instruction would bloat every prompt it is drawn into.
+    return task if len(task) <= EXAMPLE_CHARS else task[:EXAMPLE_CHARS] + "……"
 
 
 def self_instruct(client: ChatClient, seeds_paths: Sequence[str | Path], out: str | Path, cfg: SelfInstructConfig,
