@@ -270,8 +270,11 @@ def test_killed_run_continues_without_repeats(tmp_path, seeds_file):
         assert stub.requests == 0 and report.written == 0 and out_instructions(out) == after
 
 
-def test_second_writer_is_refused(tmp_path, seeds_file):
+def test_unwritable_or_locked_output_is_refused(tmp_path, seeds_file):
     import fcntl
+    with pytest.raises(ZhllmError, match="is a directory"):
+        self_instruct(ChatClient("http://127.0.0.1:9", "m"), [seeds_file], tmp_path, SelfInstructConfig(num=1),
+                      progress=False)
     out = tmp_path / "out.jsonl"
     with open(out, "ab") as holder:
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)

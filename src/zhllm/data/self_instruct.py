@@ -262,8 +262,13 @@ class _Appender:
     """OUT opened for appending whole lines durably, locked against a second writer."""
 
     def __init__(self, out: Path):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(out, "ab")
+        if out.is_dir():
+            raise ZhllmError(f"--out {out} is a directory; give a .jsonl file")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(out, "ab")
+        except OSError as e:
+            raise ZhllmError(f"cannot write {out}: {e.strerror or e}") from None
         try:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -292,12 +297,26 @@ class _Pool:
     def __init__(self, workers: int):
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
+        self.workers = workers
         for _ in range(workers):
             threading.Thread(target=self._work, daemon=True).start()
 
+    def close(self) -> None:
+        """Workers end after their current request; jobs not started are dropped."""
+        while True:
+            try:
+                self.jobs.get_nowait()
+            except queue.Empty:
+                break
+        for _ in range(self.workers):
+            self.jobs.put(None)
+
     def _work(self) -> None:
         while True:
-            tag, fn = self.jobs.get()
+            job = self.jobs.get()
+            if job is None:
+                return
+            tag, fn = job
             try:
                 self.results.put((tag, fn(), None))
             except Exception as e:  # handed to the main thread, which decides
@@ -357,6 +376,15 @@ def _run(client: ChatClient, cfg: SelfInstructConfig, seeds: list[str], generate
     missing = cfg.num - report.existing
     max_attempts = cfg.max_attempts if cfg.max_attempts is not None else 20 * max(missing, 0) + 50
     pool = _Pool(min(cfg.concurrency, max(missing, 1)))
+    try:
+        _loop(client, cfg, seeds, generated, index, appender, report, bar, rng, max_attempts, pool)
+    finally:
+        pool.close()
+
+
+def _loop(client: ChatClient, cfg: SelfInstructConfig, seeds: list[str], generated: list[str],
+          index: InstructionIndex, appender: _Appender, report: SelfInstructReport, bar, rng: random.Random,
+          max_attempts: int, pool: _Pool) -> None:
     in_flight = failures_in_row = 0
 
     def ask(messages, max_tokens, seed):
