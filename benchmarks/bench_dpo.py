@@ -3,11 +3,11 @@ TRL's DPOTrainer on the same model, pairs and machine, in the same run.
 
 Each variant runs in its own process so its peak RSS is its own. Default: the 26m preset (random weights:
 speed does not depend on them) with the MiniMind tokenizer, the real pairs of ../shared/data/dpo/dpo_zh.jsonl,
-sequences up to 512 tokens (prompt up to 256), 2 pairs per step, bf16 autocast with fp32 weights on both
+sequences up to 512 tokens (prompt up to 256), 4 pairs per step (the 26m recipe's micro-batch), bf16 autocast with fp32 weights on both
 sides, eager layers. Pairs/s counts optimizer steps x pairs per step, after warm-up steps; the precomputed
 reference's one-off pass before training is timed separately (`ref pass s`).
 
-    python benchmarks/bench_dpo.py [--steps 3] [--warmup 1] [--pairs 2]
+    python benchmarks/bench_dpo.py [--steps 6] [--warmup 1] [--pairs 4]
 """
 from __future__ import annotations
 
@@ -134,9 +134,9 @@ def run_trl(reference: str, lora: bool, model_dir: Path, data: Path, steps: int,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant")
+    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--pairs", type=int, default=2, help="pairs per step")
+    ap.add_argument("--pairs", type=int, default=4, help="pairs per step (the 26m recipe's micro-batch)")
     ap.add_argument("--preset", default="26m")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--tmp", default="/tmp/zhllm-bench-dpo")
