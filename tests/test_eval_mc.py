@@ -44,8 +44,8 @@ def test_an_items_letters_share_one_forward_and_score_as_separately(tiny_model_d
     engine, _ = planted_engine(tiny_model_dir, "A")
     rows_seen = []
     real = engine._score_batch
-    monkeypatch.setattr(engine, "_score_batch", lambda inputs, targets: rows_seen.append(len(inputs)) or
-                        real(inputs, targets))
+    monkeypatch.setattr(engine, "_score_batch", lambda inputs, targets, *rest: rows_seen.append(len(inputs)) or
+                        real(inputs, targets, *rest))
     prompt = "题目：一加一等于几？\n答案："
     together = engine.score([prompt] * 4, list("ABCD"))
     assert rows_seen == [1]

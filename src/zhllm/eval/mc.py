@@ -7,8 +7,10 @@ Rows that lack a field or whose answer is not one of the options are counted wit
 
 Scoring ("letter", the standard): the log-probability of each option's letter as the next token after the
 prompt, which ends in "答案："; the four letters share the prompt, so one forward serves the item (the engine
-shares rows whose input is the same). "options": the log-likelihood of each option's text after the prompt,
-divided by its length in characters (lm-evaluation-harness's acc_norm).
+shares rows whose input is the same), and a subject's k-shot items share their header and examples, which the
+engine runs once per batch of items (items are scored grouped by subject, reported in input order).
+"options": the log-likelihood of each option's text after the prompt, divided by its length in characters
+(lm-evaluation-harness's acc_norm).
 """
 from __future__ import annotations
 
@@ -179,10 +181,18 @@ def evaluate_mc(engine, items: Sequence[McItem], *, dev: Sequence[McItem] = (), 
         raise ZhllmError(f"--dev has fewer than {shots} items for subject(s) {', '.join(short[:5])}"
                          f"{' ...' if len(short) > 5 else ''}; lower --shots or give a dev file with them")
     result = McResult()
-    for start in range(0, len(items), batch_items):
-        chunk = items[start:start + batch_items]
+    # One subject's k-shot prompts start with the same header and examples, which the engine runs once per
+    # batch (Engine.score's shared prefixes): keep each subject's items together, report in input order.
+    first = {}
+    for it in items:
+        first.setdefault(it.subject, len(first))
+    order = sorted(range(len(items)), key=lambda i: first[items[i].subject])
+    rows: dict[int, dict] = {}
+    for start in range(0, len(order), batch_items):
+        chunk = order[start:start + batch_items]
         prompts, conts, owners = [], [], []
-        for it in chunk:
+        for index in chunk:
+            it = items[index]
             ids = _fitting_prompt(engine, it, examples.get(it.subject, []), chat, score)
             if ids is None:
                 result.skipped_too_long += 1
@@ -190,10 +200,10 @@ def evaluate_mc(engine, items: Sequence[McItem], *, dev: Sequence[McItem] = (), 
             texts = list(it.letters) if score == "letter" else list(it.options)
             prompts += [ids] * len(texts)
             conts += texts
-            owners.append((it, len(texts)))
+            owners.append((index, it, len(texts)))
         scored = score_continuations(engine, prompts, conts, batch_size) if prompts else []
         k = 0
-        for it, n in owners:
+        for index, it, n in owners:
             values = scored[k:k + n]
             if score == "options":
                 values = [v / max(len(text), 1) for v, text in zip(values, it.options)]
@@ -202,10 +212,11 @@ def evaluate_mc(engine, items: Sequence[McItem], *, dev: Sequence[McItem] = (), 
             right = pick == it.answer
             result.overall.add(right, n)
             result.subjects.setdefault(it.subject, Tally()).add(right, n)
-            result.rows.append({"where": it.where, "subject": it.subject, "answer": it.answer, "pick": pick,
-                                "scores": values, "correct": right})
+            rows[index] = {"where": it.where, "subject": it.subject, "answer": it.answer, "pick": pick,
+                           "scores": values, "correct": right}
         if progress is not None:
             progress(len(chunk))
+    result.rows = [rows[i] for i in sorted(rows)]
     return result
 
 

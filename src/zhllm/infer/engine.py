@@ -26,6 +26,7 @@ from .decoder import FusedDecoderCache, can_fuse
 from .loading import check_quantize, check_vocab, load_checkpoint, model_limits, stop_ids_for
 from .prompts import Messages, encode_prompt
 from .sampling import SamplingParams, sample_next
+from .scoring import MIN_SHARED_PREFIX, SharedPrefix, can_share, plan_prefixes
 from .textstream import TextStream
 
 Prompt = str | Messages | Sequence[int]
@@ -183,13 +184,15 @@ class Engine:
 
     # ---- scoring ----
     def score(self, prompts: Sequence[Prompt], continuations: Sequence[str | Sequence[int]], *,
-              batch_size: int = 16) -> list[ScoreResult]:
+              batch_size: int = 16, min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> list[ScoreResult]:
         """Log-probs of each continuation after its prompt, in batches of similar lengths (right padding,
         which a causal model's earlier positions never see). A text continuation is encoded as plain text.
 
         Pairs that feed the model the same tokens share one row: the last continuation token is only a target,
         so the choices of a multiple-choice item ("A".."D" after one prompt) cost one forward of the prompt.
-        `batch_size` counts such rows."""
+        Rows that start with the same `min_shared_prefix` or more tokens (k-shot prompts of one subject) run
+        that prefix once and only their own suffixes after it (infer/scoring.py; zhllm models only, None
+        turns it off). `batch_size` counts rows."""
         if len(prompts) != len(continuations):
             raise ZhllmError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         pairs = [(self._encode(p), self._encode_continuation(c)) for p, c in zip(prompts, continuations)]
@@ -201,18 +204,33 @@ class Engine:
         for i, (p, c) in enumerate(pairs):
             if c:
                 rows.setdefault(tuple(p + c[:-1]), []).append(i)
+        keys = list(rows)
+        groups, alone = [], list(range(len(keys)))
+        if min_shared_prefix is not None and can_share(self.module):
+            # a row's prefix must end before the position that predicts its first continuation token
+            caps = [min(len(pairs[i][0]) for i in rows[key]) - 1 for key in keys]
+            groups, alone = plan_prefixes(keys, caps, max(1, min_shared_prefix))
         results: list[ScoreResult] = [ScoreResult(0.0, []) for _ in pairs]
-        order = sorted(rows, key=len)
-        for start in range(0, len(order), max(1, batch_size)):
-            chunk = order[start:start + max(1, batch_size)]
-            members = [(r, i) for r, key in enumerate(chunk) for i in rows[key]]
-            scored = self._score_batch(chunk, [(r, len(pairs[i][0]), pairs[i][1]) for r, i in members])
-            for (_, i), res in zip(members, scored):
-                results[i] = res
+        step = max(1, batch_size)
+        for skip, members in [(0, alone)] + groups:
+            prefix = None
+            if skip:
+                with self._lock, self._no_grad():
+                    prefix = SharedPrefix(self.module, torch.tensor(keys[members[0]][:skip], device=self.device))
+            order = sorted(members, key=lambda r: len(keys[r]))
+            for start in range(0, len(order), step):
+                chunk = order[start:start + step]
+                targets = [(j, i) for j, r in enumerate(chunk) for i in rows[keys[r]]]
+                scored = self._score_batch([keys[r][skip:] for r in chunk],
+                                           [(j, len(pairs[i][0]) - skip, pairs[i][1]) for j, i in targets], prefix)
+                for (_, i), res in zip(targets, scored):
+                    results[i] = res
         return results
 
-    def _score_batch(self, inputs: list[tuple[int, ...]], targets: list[tuple[int, int, list[int]]]) -> list[ScoreResult]:
-        """`targets`: (row of `inputs`, prompt length, continuation) per pair scored on those rows."""
+    def _score_batch(self, inputs: list[tuple[int, ...]], targets: list[tuple[int, int, list[int]]],
+                     prefix: SharedPrefix | None = None) -> list[ScoreResult]:
+        """`targets`: (row of `inputs`, prompt length, continuation) per pair scored on those rows; with a
+        `prefix`, inputs and prompt lengths count from its end."""
         ids = torch.full((len(inputs), max(map(len, inputs))), self.pad_id, dtype=torch.long)
         for r, seq in enumerate(inputs):
             ids[r, :len(seq)] = torch.tensor(seq)
@@ -222,8 +240,9 @@ class Engine:
             cols += range(n - 1, n + len(c) - 1)  # the position that predicts each continuation token
             flat_targets += c
         with self._lock, self._no_grad():
-            logits = sequence_logits(self.module, ids.to(self.device), torch.tensor(rows, device=self.device),
-                                     torch.tensor(cols, device=self.device))
+            ids, rows, cols = (torch.as_tensor(x, device=self.device) for x in (ids, rows, cols))
+            logits = (prefix.logits(ids, rows, cols) if prefix is not None
+                      else sequence_logits(self.module, ids, rows, cols))
             logprobs = logits.float().log_softmax(-1).gather(
                 1, torch.tensor(flat_targets, device=self.device)[:, None])
         flat = logprobs[:, 0].tolist()
