@@ -1,15 +1,17 @@
 """Speed of `zhllm eval` against the standard tools, on the same model, items and machine.
 
-- mc: items/s on the shared CMMLU sample (first --items of cmmlu_test.jsonl, zero-shot, letter scoring) for
-  zhllm's `evaluate_mc` against lm-evaluation-harness's hf backend (HFLM) running a task YAML with the very
-  same prompt and choices; both accuracies are printed, and they must agree.
+- mc: items/s on the shared CMMLU sample (first --items of cmmlu_test.jsonl, letter scoring; 0-shot and
+  5-shot with the examples from cmmlu_dev.jsonl, as `zhllm eval --shots 5 --dev` builds them) for zhllm's
+  `evaluate_mc` against lm-evaluation-harness's hf backend (HFLM) running a task YAML over the very same
+  prompts (zhllm's rendered prompt text is the YAML's `doc_to_text` field) and choices; both accuracies are
+  printed, and they must agree.
 - bpb: scored tokens/s of zhllm's `bits_per_byte` against a plain transformers loop (AutoModelForCausalLM,
   the same windows right-padded in batches of the same token budget, log_softmax over the logits, gather).
 
 The model is the 26m preset with random weights (speed does not depend on what the weights say) and the
 shared MiniMind tokenizer (6400 tokens, the preset's vocabulary), in float32 on the CPU. Loading is not timed.
 
-    python benchmarks/bench_eval.py [--items 200] [--docs 40] [--chars 1500]
+    python benchmarks/bench_eval.py [--items 200] [--shots 0 5] [--docs 40] [--chars 1500]
 """
 from __future__ import annotations
 
@@ -35,35 +37,51 @@ def build_model(out: Path) -> Path:
     return save_model(new_model(cfg, seed=0), out / "m26", tokenizer=tok_dir)
 
 
-def bench_mc_zhllm(model_dir: Path, items_file: Path, batch: int) -> tuple[float, float]:
+def bench_mc_zhllm(model_dir: Path, items_file: Path, dev_file: Path, shots: int,
+                   batch: int) -> tuple[float, float]:
     from zhllm.eval.mc import evaluate_mc, read_items
     from zhllm.infer.engine import Engine
     engine = Engine.load(model_dir, device="cpu", dtype="float32")
-    items = read_items([items_file])
+    items, dev = read_items([items_file]), read_items([dev_file])
     t = time.perf_counter()
-    res = evaluate_mc(engine, items, batch_size=batch)
-    return len(items) / (time.perf_counter() - t), res.overall.correct / res.overall.total
+    res = evaluate_mc(engine, items, dev=dev, shots=shots, batch_size=batch)
+    elapsed = time.perf_counter() - t
+    assert res.skipped_too_long == 0, "an item's prompt lost examples to the context: lm_eval's would differ"
+    return len(items) / elapsed, res.overall.correct / res.overall.total
 
 
-def bench_mc_lm_eval(model_dir: Path, items_file: Path, work: Path, batch: int) -> tuple[float, float]:
+def rendered_items(items_file: Path, dev_file: Path, shots: int, out: Path) -> Path:
+    """The items as JSONL with zhllm's full prompt text (subject line, k examples, question) and the answer's
+    index, so lm_eval scores exactly the prompts zhllm does."""
+    from zhllm.eval.mc import build_prompt, dev_shots, read_items
+    examples = dev_shots(read_items([dev_file]), shots)
+    with out.open("w", encoding="utf-8") as f:
+        for it in read_items([items_file]):
+            prompt = build_prompt(it, examples.get(it.subject, []), chat=False)
+            f.write(json.dumps({"prompt": prompt, "label": "ABCD".index(it.answer)}, ensure_ascii=False) + "\n")
+    return out
+
+
+def bench_mc_lm_eval(model_dir: Path, items_file: Path, dev_file: Path, shots: int, work: Path,
+                     batch: int) -> tuple[float, float]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from zhllm.eval.mc import HEADER
-    n = sum(1 for _ in items_file.open(encoding="utf-8"))
-    # zhllm's prompt: the subject header, then the question block; the letter follows without a delimiter
-    header = HEADER.replace("\n", "\\n").replace("{subject}", "{{subject.replace('_', ' ')}}")
+    data = rendered_items(items_file, dev_file, shots, work / f"cmmlu_{shots}shot.jsonl")
+    n = sum(1 for _ in data.open(encoding="utf-8"))
+    task = f"cmmlu_sample_{shots}shot"
     (work / "tasks").mkdir(exist_ok=True)
-    (work / "tasks" / "cmmlu_sample.yaml").write_text(f"""task: cmmlu_sample
+    # doc_to_text names a field, which lm_eval passes through verbatim; the letter follows without a delimiter
+    (work / "tasks" / f"{task}.yaml").write_text(f"""task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {items_file}
+    test: {data}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{header}题目：{{{{question}}}}\\nA. {{{{A}}}}\\nB. {{{{B}}}}\\nC. {{{{C}}}}\\nD. {{{{D}}}}\\n答案："
+doc_to_text: prompt
 doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(answer)}}}}"
+doc_to_target: label
 target_delimiter: ""
 metric_list:
   - metric: acc
@@ -71,8 +89,8 @@ metric_list:
     lm = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=batch, device="cpu")
     manager = TaskManager(include_path=str(work / "tasks"))
     t = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=lm, tasks=["cmmlu_sample"], task_manager=manager)
-    return n / (time.perf_counter() - t), out["results"]["cmmlu_sample"]["acc,none"]
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager)
+    return n / (time.perf_counter() - t), out["results"][task]["acc,none"]
 
 
 def bench_bpb_zhllm(model_dir: Path, texts: list[str]) -> tuple[float, float]:
@@ -124,6 +142,8 @@ def bench_bpb_transformers(model_dir: Path, texts: list[str], batch_tokens: int 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--shots", type=int, nargs="+", default=[0, 5],
+                    help="examples per prompt from the dev file; one mc row per value")
     ap.add_argument("--docs", type=int, default=40)
     ap.add_argument("--chars", type=int, default=1500, help="characters per document")
     ap.add_argument("--batch", type=int, default=16, help="rows per forward for both tools")
@@ -141,19 +161,24 @@ def main() -> None:
             items_file.write_text("".join(line for _, line in zip(range(args.items), src)), encoding="utf-8")
         texts = list(limited_texts(iter_texts([SHARED / "pretrain" / "web_wiki_news_zh.jsonl"]), args.docs,
                                    args.chars))
-        z_mc, z_acc = bench_mc_zhllm(model_dir, items_file, args.batch)
-        l_mc, l_acc = bench_mc_lm_eval(model_dir, items_file, work, args.batch)
+        dev_file = SHARED / "eval" / "cmmlu_dev.jsonl"
+        rows, mc = [], {}
+        for shots in args.shots:
+            z_mc, z_acc = bench_mc_zhllm(model_dir, items_file, dev_file, shots, args.batch)
+            l_mc, l_acc = bench_mc_lm_eval(model_dir, items_file, dev_file, shots, work, args.batch)
+            rows.append((f"mc items/s (CMMLU, {shots}-shot)", z_mc, l_mc, "lm_eval hf",
+                         f"acc {z_acc:.3f} vs {l_acc:.3f}"))
+            mc[f"{shots}-shot"] = [z_mc, l_mc]
         z_bpb, z_bits = bench_bpb_zhllm(model_dir, texts)
         t_bpb, t_bits = bench_bpb_transformers(model_dir, texts)
-    rows = [("mc items/s (CMMLU, 0-shot)", z_mc, l_mc, "lm_eval hf", f"acc {z_acc:.3f} vs {l_acc:.3f}"),
-            ("bpb tokens/s", z_bpb, t_bpb, "transformers loop", f"bpb {z_bits:.4f} vs {t_bits:.4f}")]
+    rows.append(("bpb tokens/s", z_bpb, t_bpb, "transformers loop", f"bpb {z_bits:.4f} vs {t_bits:.4f}"))
     print(f"26m preset (random init), float32, CPU threads {torch.get_num_threads()}; {args.items} CMMLU items, "
           f"{len(texts)} documents of <= {args.chars} characters")
     print("| measure | zhllm | reference | ratio | reference tool | check |")
     print("|---|---:|---:|---:|---|---|")
     for name, ours, ref, tool, check in rows:
         print(f"| {name} | {ours:.1f} | {ref:.1f} | {ours / ref:.2f}x | {tool} | {check} |")
-    print(json.dumps({"mc": [z_mc, l_mc], "bpb": [z_bpb, t_bpb]}))
+    print(json.dumps({"mc": mc, "bpb": [z_bpb, t_bpb]}))
 
 
 if __name__ == "__main__":
