@@ -176,6 +176,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 mixed = new_model(cfg, seed=1).eval()
 fully_shard(mixed, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
 assert [len(r) for r in run(mixed)] == [8, 8]
+# a shared prefix (infer/scoring.py) through FSDP's forward, whose mixed precision passes a copy of the cache
+long = [list(range(3, 40)) + [5, 6], list(range(3, 40)) + [7]]
+for m, tol in ((sharded, 1e-5), (mixed, 1e-2)):
+    x, y = (Engine(m).score(long, [[3, 4]] * 2, min_shared_prefix=s) for s in (16, None))
+    assert all(abs(u.logprob - v.logprob) < tol for u, v in zip(x, y)), (x, y)
 dist.destroy_process_group()
 print("ok")
 """

@@ -85,6 +85,9 @@ class SharedPrefix:
                 model.hidden_states(prefix[None], cache=self.cache)
             else:
                 model(prefix[None], cache=self.cache)
+        # FSDP's mixed precision casts forward inputs and passes a copy of the cache dataclass (same tensors),
+        # so the forward's length count lands on the copy.
+        self.cache.length = prefix.shape[0]
 
     @property
     def length(self) -> int:
