@@ -75,12 +75,19 @@ class CachedSession:
             dtype = self.model(ids[:1, :1]).dtype
             self.cache = KVCache.empty(self.model.config, self.batch, self.capacity, dtype, ids.device)
             mask = self.key_mask[:, :ids.shape[1]] if self.key_mask is not None else None
-            return self.model(ids, attention_mask=mask, cache=self.cache)[:, -1]
+            logits = self.model(ids, attention_mask=mask, cache=self.cache)[:, -1]
+        # FSDP's mixed precision casts forward inputs and hands the model a copy of the cache dataclass (same
+        # tensors), so the forward's length count lands on the copy: the session keeps the count itself.
+        self.cache.length = ids.shape[1]
+        return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        mask = self.key_mask[:, :self.cache.length + 1] if self.key_mask is not None else None
+        n = self.cache.length
+        mask = self.key_mask[:, :n + 1] if self.key_mask is not None else None
         with eager():
-            return self.model(tokens[:, None], attention_mask=mask, cache=self.cache)[:, -1]
+            logits = self.model(tokens[:, None], attention_mask=mask, cache=self.cache)[:, -1]
+        self.cache.length = n + 1
+        return logits
 
 
 class UncachedSession:
