@@ -119,11 +119,13 @@ def test_planted_preference_is_learnt_on_held_out_pairs(tmp_path, tiny_model_dir
 
 
 def test_recipe_mistakes_are_one_line_errors(tmp_path, tiny_model_dir, pairs_file, capsys):
-    base = ["dpo", "train", "--config", "tiny"]
-    for extra, needle in ((["dpo.reference=adapter"], "needs lora.enabled"),
-                          (["dpo.loss=nope"], "dpo.loss"),
-                          (["dpo.loss=sigmoid", "dpo.gamma=1"], "gamma applies to the simpo loss"),
-                          (["data.max_prompt_len=64"], "leaves no room")):
+    # `zhllm dpo --config` is `zhllm dpo train --config`; both spellings reach the same checks
+    for base, extra, needle in ((["dpo", "train", "--config", "tiny"], ["dpo.reference=adapter"], "needs lora.enabled"),
+                                (["dpo", "--config", "tiny"], ["dpo.loss=nope"], "dpo.loss"),
+                                (["dpo", "train", "--config", "tiny"], ["dpo.loss=sigmoid", "dpo.gamma=1"],
+                                 "gamma applies to the simpo loss"),
+                                (["dpo", "--config", "tiny"], ["data.max_prompt_len=64"], "leaves no room"),
+                                (["dpo"], [], "name a subcommand")):
         argv = base + sum((["--set", s] for s in sets(tiny_model_dir, pairs_file, tmp_path / "x", *extra)), [])
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
