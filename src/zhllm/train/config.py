@@ -6,6 +6,7 @@ field declares its allowed range with `checked(...)`; `from_dict` enforces it, w
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
@@ -67,6 +68,11 @@ class CheckpointSection:
 class LogSection:
     every: int = checked(10, ge=1)
     tensorboard: bool = True
+    wandb: bool = False                # Weights & Biases (pip install 'zhllm[wandb]'), files in out_dir/wandb
+    swanlab: bool = False              # SwanLab (pip install 'zhllm[swanlab]'), files in out_dir/swanlog
+    tracker_mode: Literal["auto", "online", "offline"] = "auto"  # auto: the tracker's own setting (WANDB_MODE, ...)
+    project: str = checked("zhllm", nonblank=True)               # tracker project
+    run_name: str = ""                 # tracker run name; empty: the out_dir's name
     progress: bool = True
     plots: bool = True                 # write plots/*.png at the end of the run
 
@@ -85,6 +91,10 @@ class StageConfig:
     def validate(self, source: str) -> "StageConfig":
         if self.train.max_steps is None and self.train.max_tokens is None:
             raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
+        for tracker in ("wandb", "swanlab"):
+            if getattr(self.log, tracker) and importlib.util.find_spec(tracker) is None:
+                raise ConfigError(f"{source}: log.{tracker} is on but the {tracker} package is not installed "
+                                  f"(pip install 'zhllm[{tracker}]')")
         return self
 
 

@@ -100,43 +100,33 @@ def format_eta(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Rank 0 only: appends records to metrics.jsonl, mirrors scalars to TensorBoard, prints lines.
+    """Rank 0 only: appends records to metrics.jsonl, mirrors their scalars to the enabled trackers
+    (train/trackers.py: TensorBoard, wandb, SwanLab), prints lines.
 
     start_step: the step the run starts from (the resumed checkpoint's, 0 for a fresh run). Records after it
     were written by a run that died before its next checkpoint; those steps are about to be redone, so they
     are dropped instead of appearing twice."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, echo=print, start_step: int = 0):
+    def __init__(self, run_dir: Path, trackers: list, echo=print, start_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
         _drop_records_after(self.path, start_step)
         self.echo = echo
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                pass
+        self.trackers = trackers
         run_dir.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict, line: str | None = None) -> None:
         self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._fh.flush()
-        if self.tb is not None:
-            kind = record.get("kind", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "kind"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
-            for i, text in enumerate(record.get("samples", [])):
-                self.tb.add_text(f"sample/{i}", text, record["step"])
+        for tracker in self.trackers:
+            tracker.log(record)
         if line:
             self.echo(line)
 
     def close(self) -> None:
         self._fh.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _drop_records_after(path: Path, step: int) -> None:

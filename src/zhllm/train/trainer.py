@@ -33,6 +33,7 @@ from .optim import build_optimizer, lr_at, parameter_groups, set_lr
 from .precision import resolve_precision
 from .state import (TrainerState, capture_rng, load_optimizer_state, load_trainer_state, restore_rng,
                     save_checkpoint_atomic)
+from .trackers import open_trackers
 
 FAIL_AT_STEP_ENV = "ZHLLM_FAIL_AT_STEP"  # test hook: os._exit(1) right after this step
 
@@ -241,8 +242,8 @@ class Trainer:
     # ---- the loop ----
     def fit(self) -> dict:
         cfg, st = self.cfg, self.state
-        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, self.echo, start_step=st.step) \
-            if self.d.is_main else None
+        logger = MetricsLogger(self.run_dir, open_trackers(cfg.log, self.run_dir, dataclasses.asdict(cfg), st.step > 0),
+                               self.echo, start_step=st.step) if self.d.is_main else None
         fpt = flops_per_token(self.model.config, cfg.train.seq_len)
         mfu = MFU(self.d.device, cfg.train.precision, self.d.world) if self.d.is_main else None
         fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
