@@ -104,23 +104,27 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path, monkeypatch):
     from zhllm.train.trackers import open_trackers
     pytest.importorskip("swanlab")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    log = SimpleNamespace(tensorboard=False, wandb=True, swanlab=True, tracker_mode="offline", project="p",
+    log = SimpleNamespace(tensorboard=True, wandb=True, swanlab=True, tracker_mode="offline", project="p",
                           run_name="")
     ids = []
-    for resumed, steps in ((False, (1, 2, 3)), (True, (3, 4))):  # died after step 3's log, resumed from 2
-        trackers = open_trackers(log, tmp_path, {"train": {"lr": 0.1}}, resumed)
+    for start, steps in ((0, (1, 2, 3)), (2, (3, 4))):  # died after step 3's log, resumed from step 2
+        trackers = open_trackers(log, tmp_path, {"train": {"lr": 0.1}}, start)
         ids.append([t.id for t in trackers])
         for step in steps:
             for t in trackers:
                 t.log({"step": step, "kind": "train", "loss": 1.0 / step})
         for t in trackers:
             t.close()
-    assert ids[0] == ids[1]
+    assert ids[0][1:] == ids[1][1:]  # wandb and swanlab (TensorBoard has no run id)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(tmp_path / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/loss")] == [1, 2, 3, 4]  # step 3 once: the died run's was purged
     for history in (wandb_history(tmp_path), swanlab_history(tmp_path)):
         assert {s: h["train/loss"] for s, h in history.items()} == {s: 1.0 / s for s in (1, 2, 3, 4)}
     # a fresh run in the same directory (its output was replaced) starts new tracker runs
-    fresh = open_trackers(log, tmp_path, {}, resumed=False)
-    assert [t.id for t in fresh] != ids[0]
+    fresh = open_trackers(log, tmp_path, {}, start_step=0)
+    assert [t.id for t in fresh][1:] != ids[0][1:]
     for t in fresh:
         t.close()
 

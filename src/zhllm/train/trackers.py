@@ -4,8 +4,9 @@ Each tracker gets the same numeric fields as a metrics.jsonl record, named `{kin
 "eval/val_loss"), at the record's step. wandb and swanlab are optional extras, imported only when enabled. Their
 run files live in the run directory (`wandb/`, `swanlog/`); `log.tracker_mode: offline` writes them without any
 network (`wandb sync` / `swanlab sync` upload them later). A resumed run continues the same tracker run: its id
-is kept in `trackers.json`. Steps redone after a resume are bitwise equal to the first time (exact resume), so a
-tracker that drops a step it has already seen loses nothing."""
+is kept in `trackers.json`. Steps a died run logged after its last checkpoint are redone after the resume:
+TensorBoard purges the old events (purge_step); the redone steps are bitwise equal to the first time (exact
+resume), so a tracker that keeps or drops either copy shows the same curve."""
 from __future__ import annotations
 
 import json
@@ -25,9 +26,11 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 class TensorBoard:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(run_dir / "tb"))
+        # purge_step: TensorBoard hides the events a died run wrote after the checkpoint this run resumes from
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.id = None
 
     def log(self, record: dict) -> None:
         for name, value in scalars(record).items():
@@ -69,12 +72,13 @@ class SwanLab:
         self.run.finish()
 
 
-def open_trackers(log_section: Any, run_dir: Path, config: dict, resumed: bool) -> list:
-    """The trackers `log` enables, started in run_dir (a resumed run continues its tracker runs)."""
+def open_trackers(log_section: Any, run_dir: Path, config: dict, start_step: int = 0) -> list:
+    """The trackers `log` enables, started in run_dir; a run resumed from start_step > 0 continues its tracker runs."""
+    resumed = start_step > 0
     trackers: list = []
     if log_section.tensorboard:
         try:
-            trackers.append(TensorBoard(run_dir))
+            trackers.append(TensorBoard(run_dir, start_step))
         except ImportError:
             pass  # TensorBoard is on by default: without the package the run just has no tb/ files
     ids_path = run_dir / IDS_FILE

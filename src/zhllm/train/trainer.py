@@ -242,7 +242,7 @@ class Trainer:
     # ---- the loop ----
     def fit(self) -> dict:
         cfg, st = self.cfg, self.state
-        logger = MetricsLogger(self.run_dir, open_trackers(cfg.log, self.run_dir, dataclasses.asdict(cfg), st.step > 0),
+        logger = MetricsLogger(self.run_dir, open_trackers(cfg.log, self.run_dir, dataclasses.asdict(cfg), st.step),
                                self.echo, start_step=st.step) if self.d.is_main else None
         fpt = flops_per_token(self.model.config, cfg.train.seq_len)
         mfu = MFU(self.d.device, cfg.train.precision, self.d.world) if self.d.is_main else None
