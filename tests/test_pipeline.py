@@ -48,6 +48,16 @@ TINY = [
     "dpo.recipe.checkpoint.every=2",
     "dpo.recipe.log.progress=false",
     "dpo.recipe.log.tensorboard=false",
+    "grpo.prompts=8",
+    "grpo.recipe.grpo.num_generations=2",
+    "grpo.recipe.grpo.max_new_tokens=8",
+    "grpo.recipe.train.max_steps=2",
+    "grpo.recipe.train.batch_size=2",
+    "grpo.recipe.train.seq_len=128",
+    "grpo.recipe.checkpoint.every=1",
+    "grpo.recipe.log.every=1",
+    "grpo.recipe.log.progress=false",
+    "grpo.recipe.log.tensorboard=false",
     "eval.tasks=4",
     "eval.max_new_tokens=8",
 ]
@@ -62,16 +72,20 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     run = tmp_path / "demo"
     logs = []
     results = run_pipeline(DEMO, overrides(run), log=logs.append)
-    assert set(results) == {"corpus", "clean", "tokenizer", "tokenize", "pretrain", "sft", "dpo", "eval", "report"}
+    assert set(results) == {"corpus", "clean", "tokenizer", "tokenize", "pretrain", "sft", "dpo", "grpo", "eval",
+                            "report"}
     assert results["clean"]["report"]["docs_kept"] > 500
     assert (run / "tokenizer" / "tokenizer" / "tokenizer.json").is_file()
     assert json.loads((run / "tokenize" / "shards" / "meta.json").read_text())["vocab_size"] == 512
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
         ckpt = Path(results[stage]["checkpoint"])
         assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
         assert results[stage]["step"] == results[stage]["max_steps"]
     ev = json.loads((run / "eval" / "eval.json").read_text())
-    assert set(ev) == {"pretrain", "sft", "dpo"}
+    assert set(ev) == {"pretrain", "sft", "dpo", "grpo"}
+    assert results["grpo"]["started_from"] == "dpo"
+    prompts = [json.loads(line) for line in (run / "grpo" / "prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 8 and all(p["prompt"] and p["answer"] for p in prompts)
     pairs = results["dpo"]["pairs"]
     assert pairs["sampled"] == pairs["wrong"] + pairs["right"] and pairs["pairs"] == (pairs["wrong"] or pairs["right"])
     assert (run / "dpo" / "run" / "reference_logps.npz").is_file()
@@ -86,8 +100,9 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     assert abs(ev["pretrain"]["val_loss"] - trained["val_loss"]) < 0.02
     report = (run / "report.md").read_text()
     assert "The pretrain row re-measures the training section's last val loss" in report
-    for needle in ("## What ran", "## Evaluation", "| pretrain |", "| sft |", "| dpo |", "zhllm chat", ".png",
-                   "preference accuracy", "![dpo rewards]"):
+    for needle in ("## What ran", "## Evaluation", "| pretrain |", "| sft |", "| dpo |", "| grpo |", "zhllm chat",
+                   ".png", "preference accuracy", "![dpo rewards]", "### grpo", "started from the dpo model; rewards: exact",
+                   "mean reward of the sampled answers", "![grpo reward]", "grpo/run/checkpoints"):
         assert needle in report
     for png in Path(results["pretrain"]["run_dir"]).glob("plots/*.png"):
         assert png.stat().st_size > 1000
@@ -95,20 +110,27 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     # a second run skips every stage
     logs.clear()
     run_pipeline(DEMO, overrides(run), log=logs.append)
-    assert sum("up to date, skipped" in line for line in logs) == 9
+    assert sum("up to date, skipped" in line for line in logs) == 10
 
     # touching the SFT config re-runs only SFT and what follows
     logs.clear()
     run_pipeline(DEMO, overrides(run, "sft.recipe.train.lr=5e-4"), log=logs.append)
-    progress = (re.match(r"\[stage \d/9 (\w+)\] running \(elapsed \d+m\d\ds\)$", line) for line in logs)
+    progress = (re.match(r"\[stage \d+/10 (\w+)\] running \(elapsed \d+m\d\ds\)$", line) for line in logs)
     ran = [m.group(1) for m in progress if m]
-    assert ran == ["sft", "dpo", "eval", "report"]
+    assert ran == ["sft", "dpo", "grpo", "eval", "report"]
 
     # touching only the DPO recipe re-runs DPO and what follows
     logs.clear()
     run_pipeline(DEMO, overrides(run, "sft.recipe.train.lr=5e-4", "dpo.recipe.dpo.beta=0.2"), log=logs.append)
-    ran = [m.group(1) for m in (re.match(r"\[stage \d/9 (\w+)\] running", line) for line in logs) if m]
-    assert ran == ["dpo", "eval", "report"]
+    ran = [m.group(1) for m in (re.match(r"\[stage \d+/10 (\w+)\] running", line) for line in logs) if m]
+    assert ran == ["dpo", "grpo", "eval", "report"]
+
+    # touching only the GRPO recipe re-runs GRPO and what follows
+    logs.clear()
+    run_pipeline(DEMO, overrides(run, "sft.recipe.train.lr=5e-4", "dpo.recipe.dpo.beta=0.2",
+                                 "grpo.recipe.train.lr=2e-5"), log=logs.append)
+    ran = [m.group(1) for m in (re.match(r"\[stage \d+/10 (\w+)\] running", line) for line in logs) if m]
+    assert ran == ["grpo", "eval", "report"]
 
 
 def test_killed_pipeline_resumes_pretraining(tmp_path):
@@ -139,7 +161,7 @@ def test_bad_pipeline_config_is_one_line_error(tmp_path):
 
 def test_a_typo_in_a_recipe_fails_before_any_stage_runs(tmp_path):
     run = tmp_path / "demo"
-    for key in ("pretrain.train.lrr", "sft.recipe.train.lrr", "dpo.recipe.train.lrr"):
+    for key in ("pretrain.train.lrr", "sft.recipe.train.lrr", "dpo.recipe.train.lrr", "grpo.recipe.train.lrr"):
         r = subprocess.run([sys.executable, "-m", "zhllm", "pipeline", str(DEMO), "--set", f"out_dir={run}",
                             "--set", f"{key}=1"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr

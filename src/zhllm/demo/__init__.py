@@ -71,6 +71,15 @@ def write_demo_sft(out_path: str | Path, n: int = 2000, seed: int = 0, smalltalk
     return out_path
 
 
+def write_demo_rl_prompts(out_path: str | Path, n: int = 256, seed: int = 0) -> Path:
+    """Write `n` training tasks (never held-out ones) as {"prompt", "answer"} lines for an RL stage's prompts."""
+    _check_count("n", n)
+    out_path = Path(out_path)
+    tasks = sample_tasks(n, seed + 3_000_017)  # a stream of its own: not the SFT, DPO or document tasks
+    atomic_write_text(out_path, _jsonl({"prompt": t.question, "answer": t.answer} for t in tasks))
+    return out_path
+
+
 def write_demo_eval(out_path: str | Path, n: int = 200, seed: int = 0) -> Path:
     """Write `n` held-out tasks as {"kind", "question", "answer"} lines; read back with `load_eval_tasks`."""
     _check_count("n", n)

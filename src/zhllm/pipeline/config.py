@@ -1,6 +1,6 @@
 """The pipeline's config: one YAML file with a section per stage, loaded and checked before any stage runs.
 
-The pretrain, SFT and DPO recipes inside it are typed by their stages' own config classes here too (`typed_recipes`),
+The pretrain, SFT, DPO and GRPO recipes inside it are typed by their stages' own config classes here too (`typed_recipes`),
 so a typo in either fails when the file loads, naming the key, instead of after the four stages before them.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from ..config import from_dict, load_config, merge
 if TYPE_CHECKING:
     from ..train.config import RunConfig
     from ..train.dpo import DpoConfig
+    from ..train.grpo import GrpoConfig
     from ..train.sft import SftConfig
 
 BUILTIN_DEMO = "builtin:demo"
@@ -70,6 +71,16 @@ class DpoPipelineSection:
 
 
 @dataclass
+class GrpoPipelineSection:
+    enabled: bool = True           # runs after dpo (after sft when dpo is off; skipped without sft)
+    # builtin:demo = training tasks with their answers (the exact-answer reward); files = prompt records with
+    # an `answer` where the recipe's rewards need one
+    inputs: list[str] = field(default_factory=lambda: [BUILTIN_DEMO])
+    prompts: int = 256             # builtin:demo: training tasks
+    recipe: dict[str, Any] = field(default_factory=dict)  # a GRPO recipe (configs/grpo/*.yaml shape)
+
+
+@dataclass
 class PipelineEvalSection:
     tasks: int = 100               # held-out demo tasks answered greedily by each model
     max_new_tokens: int = 40
@@ -90,6 +101,7 @@ class PipelineConfig:
     pretrain: dict[str, Any] = field(default_factory=dict)  # a pretrain recipe (configs/pretrain/*.yaml shape)
     sft: SftSection = field(default_factory=SftSection)
     dpo: DpoPipelineSection = field(default_factory=DpoPipelineSection)
+    grpo: GrpoPipelineSection = field(default_factory=GrpoPipelineSection)
     eval: PipelineEvalSection = field(default_factory=PipelineEvalSection)
 
 
@@ -99,6 +111,7 @@ class StageRecipes:
     pretrain: RunConfig
     sft: SftConfig
     dpo: DpoConfig
+    grpo: GrpoConfig
 
 
 def pretrain_paths(shards: str, run_dir: str) -> dict:
@@ -116,6 +129,17 @@ def dpo_paths(init_from: str, inputs: list[str], run_dir: str) -> dict:
     return {"model": {"init_from": init_from}, "data": {"path": inputs}, "out_dir": run_dir}
 
 
+def grpo_paths(init_from: str, inputs: list[str], run_dir: str) -> dict:
+    """What the pipeline writes into the GRPO recipe: the model before it, the prompt files, the run directory."""
+    return {"model": {"init_from": init_from}, "data": {"path": inputs}, "out_dir": run_dir}
+
+
+def grpo_recipe(section: GrpoPipelineSection) -> dict:
+    """The section's recipe, rewarded by the exact answer unless it names its own rewards: the demo's prompts
+    carry the answers their judge reads."""
+    return merge({"rewards": [{"type": "exact", "weight": 1.0}]}, section.recipe)
+
+
 def typed_recipes(cfg: PipelineConfig, source: str) -> StageRecipes:
     """The training recipes built into their stages' config classes and validated as `zhllm pretrain` / `zhllm sft` do,
     with placeholders for the paths only a finished earlier stage knows.
@@ -123,6 +147,7 @@ def typed_recipes(cfg: PipelineConfig, source: str) -> StageRecipes:
     The one place that knows how a stage types its recipe: when train/ changes that, only this changes."""
     from ..train.config import RunConfig
     from ..train.dpo import DpoConfig
+    from ..train.grpo import GrpoConfig
     from ..train.sft import SftConfig
     pretrain = merge(cfg.pretrain, pretrain_paths("<tokenize stage's shards>", "<pretrain stage's run>"))
     sft = merge(cfg.sft.recipe, sft_paths("<pretrain stage's checkpoint>", ["<sft inputs>"], "<sft stage's run>"))
@@ -131,7 +156,10 @@ def typed_recipes(cfg: PipelineConfig, source: str) -> StageRecipes:
         sft=from_dict(SftConfig, sft, source, "sft.recipe.").validate(f"{source}, sft.recipe"),
         dpo=from_dict(DpoConfig, merge(cfg.dpo.recipe, dpo_paths("<sft stage's checkpoint>", ["<dpo pairs>"],
                                                                  "<dpo stage's run>")),
-                      source, "dpo.recipe.").validate(f"{source}, dpo.recipe"))
+                      source, "dpo.recipe.").validate(f"{source}, dpo.recipe"),
+        grpo=from_dict(GrpoConfig, merge(grpo_recipe(cfg.grpo), grpo_paths("<dpo or sft stage's checkpoint>",
+                                                                     ["<grpo prompts>"], "<grpo stage's run>")),
+                       source, "grpo.recipe.").validate(f"{source}, grpo.recipe"))
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None

@@ -79,6 +79,26 @@ def _dpo_lines(r: dict, last: dict | None) -> list[str]:
     return out
 
 
+def _grpo_lines(r: dict) -> list[str]:
+    """What GRPO started from and was rewarded for, and the mean reward of its first and last log windows."""
+    import yaml
+
+    from ..errors import ZhllmError
+    from ..train.metrics import read_metrics
+    try:
+        recipe = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text(encoding="utf-8"))
+        rewards = ", ".join(f"{x.get('name') or x.get('function') or x['type']} × {x.get('weight', 1.0):g}"
+                            for x in recipe["rewards"])
+        means = [x["reward"] for x in read_metrics(r["run_dir"]) if x.get("kind", "train") == "train" and "reward" in x]
+    except (ZhllmError, OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    out = [f"- started from the {r.get('started_from', '?')} model; rewards: {rewards}"]
+    if means:
+        out.append(f"- mean reward of the sampled answers: {means[0]:.3f} in the first log window, "
+                   f"{means[-1]:.3f} in the last")
+    return out
+
+
 def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
     from ..train.metrics import plot_run
     lines = [f"# zhllm pipeline report: {cfg.name}", ""]
@@ -106,7 +126,7 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
                   + (f", {tok['chars_per_token']:.2f} characters per token on held-out text" if tok.get("chars_per_token") else ""), ""]
 
     lines += ["## Training", ""]
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
         r = results.get(stage)
         if not r:
             continue
@@ -115,6 +135,8 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
         last = _last_eval(r)
         if stage == "dpo":
             lines += _dpo_lines(r, last)
+        elif stage == "grpo":
+            lines += _grpo_lines(r)
         elif last:
             windows = f"first {last['val_windows']} windows" if last.get("val_windows") else "first windows"
             what = ("the assistant replies of held-out conversations, not the text of the Evaluation table"
@@ -137,7 +159,7 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
             lines.append(f"| {stage} | {_fmt(m['val_loss'])} | {_fmt(m['val_ppl'], 2)} | {_fmt(m['val_bpb'])} | "
                          f"{m['task_accuracy']:.1%} ({m['tasks']} tasks) |")
         lines.append("")
-        chat_stage = next((s for s in ("dpo", "sft") if (run_dir / "eval" / f"answers_{s}.jsonl").is_file()), None)
+        chat_stage = next((s for s in ("grpo", "dpo", "sft") if (run_dir / "eval" / f"answers_{s}.jsonl").is_file()), None)
         answers = run_dir / "eval" / f"answers_{chat_stage}.jsonl"
         if chat_stage:
             rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()[:cfg.eval.samples]]
@@ -146,7 +168,7 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
                 mark = "✓" if row["correct"] else "✗"
                 lines += [f"> **用户**：{row['question']}", ">", "> **助手**：" + row["output"].strip().replace("\n", "\n> "), "",
                           f"{mark} expected answer: {row['answer']}", ""]
-    final = results.get("dpo", results.get("sft", results.get("pretrain")))
+    final = next((results[s] for s in ("grpo", "dpo", "sft", "pretrain") if s in results), None)
     if final:
         lines += ["## Next", "", f"- chat with the model: `zhllm chat {_rel(final['checkpoint'], Path.cwd())}`",
                   f"- plots and metrics: `zhllm plot {_rel(final['run_dir'], Path.cwd())}`, TensorBoard in `tb/`",

@@ -16,8 +16,8 @@ import yaml
 from ..config import merge, to_dict
 from ..errors import ConfigError, ZhllmError
 from ..fsutil import atomic_write_text
-from .config import (BUILTIN_DEMO, PipelineConfig, StageRecipes, dpo_paths, load_pipeline_config,
-                     pretrain_paths, sft_paths)
+from .config import (BUILTIN_DEMO, PipelineConfig, StageRecipes, dpo_paths, grpo_paths, grpo_recipe,
+                     load_pipeline_config, pretrain_paths, sft_paths)
 from .runner import STARTED_FILE, StageOutcome, StageRunner, files_fingerprint
 
 PIPELINE_COMMAND = "pipeline"
@@ -153,13 +153,32 @@ def dpo(run: PipelineRun) -> StageOutcome:
     return run.runner.run("dpo", to_dict(s), run.upstream + _input_fingerprint(s.inputs), fn)
 
 
+def grpo(run: PipelineRun) -> StageOutcome:
+    from ..train.grpo import run_grpo
+    s = run.cfg.grpo
+
+    def fn(d: Path) -> dict:
+        start = "dpo" if "dpo" in run.results else "sft"
+        inputs = [i for i in s.inputs if i != BUILTIN_DEMO]
+        if BUILTIN_DEMO in s.inputs:
+            from ..demo import write_demo_rl_prompts
+            inputs.append(str(write_demo_rl_prompts(d / "prompts.jsonl", s.prompts, run.cfg.seed)))
+        run_dir = d / "run"
+        recipe = _recipe_file(d, grpo_recipe(s), grpo_paths(run.results[start]["checkpoint"], inputs, str(run_dir)))
+        summary = _finished("grpo", run_grpo(recipe, resume=_resume_flag(run_dir)))
+        return {**summary, "run_dir": str(run_dir), "checkpoint": str(_final_checkpoint(run_dir)),
+                "started_from": start}
+
+    return run.runner.run("grpo", to_dict(s), run.upstream + _input_fingerprint(s.inputs), fn)
+
+
 def evaluate(run: PipelineRun) -> StageOutcome:
     from ..eval.demo_tasks import evaluate_pipeline_models
     e, trained = run.cfg.eval, run.recipes.pretrain
 
     def fn(d: Path) -> dict:
         models = {"pretrain": run.results["pretrain"]["checkpoint"]}
-        for stage in ("sft", "dpo"):
+        for stage in ("sft", "dpo", "grpo"):
             if stage in run.results:
                 models[stage] = run.results[stage]["checkpoint"]
         # the windows of pretraining's periodic eval, so its last val loss and this one measure the same text
@@ -183,7 +202,7 @@ def report(run: PipelineRun) -> StageOutcome:
 
 STAGES: dict[str, Callable[[PipelineRun], StageOutcome]] = {
     "corpus": corpus, "clean": clean, "tokenizer": tokenizer, "tokenize": tokenize, "pretrain": pretrain,
-    "sft": sft, "dpo": dpo, "eval": evaluate, "report": report}
+    "sft": sft, "dpo": dpo, "grpo": grpo, "eval": evaluate, "report": report}
 STAGE_ORDER = list(STAGES)
 
 
@@ -197,13 +216,14 @@ def run_pipeline(config: str | Path, overrides: list[str] | None = None, force: 
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until!r}: choose one of {', '.join(STAGE_ORDER)}")
     out = Path(cfg.out_dir)
-    inputs = [i for i in cfg.corpus.inputs + cfg.sft.inputs + cfg.dpo.inputs if i != BUILTIN_DEMO]
+    inputs = [i for i in cfg.corpus.inputs + cfg.sft.inputs + cfg.dpo.inputs + cfg.grpo.inputs if i != BUILTIN_DEMO]
     claim_output_dir(out, PIPELINE_COMMAND, inputs=[*inputs, cfg.tokenizer.path, cfg.clean.config],
                      overwrite=overwrite, flag="out_dir", recognise=_is_run_dir)
     last = STAGE_ORDER.index(until) if until else len(STAGE_ORDER) - 1
-    # dpo starts from the SFT model, so it runs only after an SFT stage
+    # dpo starts from the SFT model and grpo from the DPO (or SFT) model: both run only after an SFT stage
     plan = [n for n in STAGE_ORDER[:last + 1] if (n != "sft" or cfg.sft.enabled)
-            and (n != "dpo" or (cfg.dpo.enabled and cfg.sft.enabled))]
+            and (n != "dpo" or (cfg.dpo.enabled and cfg.sft.enabled))
+            and (n != "grpo" or (cfg.grpo.enabled and cfg.sft.enabled))]
     run = PipelineRun(cfg, recipes, StageRunner(out, force=force, log=log, plan=plan))
     atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
     for name in plan:
