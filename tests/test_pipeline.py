@@ -48,6 +48,7 @@ TINY = [
     "dpo.recipe.checkpoint.every=2",
     "dpo.recipe.log.progress=false",
     "dpo.recipe.log.tensorboard=false",
+    "grpo.enabled=true",
     "grpo.prompts=8",
     "grpo.recipe.grpo.num_generations=2",
     "grpo.recipe.grpo.max_new_tokens=8",
