@@ -1,0 +1,193 @@
+"""GRPO throughput: zhllm's GRPO step split into rollout and update, against TRL's GRPOTrainer on the same model,
+prompts and machine, in the same run; and zhllm's batched rollout tokens/s against its own batch-1 decode.
+
+Each side runs in its own process. Default: the 26m preset (random weights: speed does not depend on them) with the
+MiniMind tokenizer, prompts from the demo's tasks (short Chinese questions, chat-rendered), 4 prompts x 8
+completions per step, 64 new tokens at temperature 1, beta 0 (no reference), one update per rollout, bf16
+autocast with fp32 weights on both sides, eager layers. Random weights seldom sample an end token, so both
+sides generate close to 64 tokens per completion; the table shows each side's mean completion length and
+compares samples/s and completion tokens/s.
+
+    python benchmarks/bench_rl.py [--steps 4] [--warmup 1] [--prompts 4] [--generations 8] [--new-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIDES = ("zhllm", "TRL")
+
+
+def _model_dir(preset: str, tmp: Path) -> Path:
+    from zhllm.model.config import model_config_from
+    from zhllm.model.io import new_model, save_model
+    from zhllm.tokenizer.load import load_tokenizer
+    out = tmp / f"model-{preset}"
+    if not (out / "model.safetensors").is_file():
+        tok_dir = SHARED / "tokenizers" / "minimind"
+        save_model(new_model(model_config_from(preset, {"vocab_size": len(load_tokenizer(tok_dir))}), seed=0), out,
+                   tokenizer=tok_dir)
+    return out
+
+
+def run_zhllm(model_dir: Path, prompts: Path, a) -> dict:
+    import shutil
+
+    import torch
+
+    from zhllm.train import trainer as trainer_mod
+    from zhllm.train.grpo import run_grpo
+    from zhllm.train.metrics import read_metrics
+
+    out = Path(a.tmp) / "zhllm-run"
+    shutil.rmtree(out, ignore_errors=True)
+    times: list[float] = []
+    step = trainer_mod.Trainer.train_step
+
+    def timed_step(self):
+        t = time.perf_counter()
+        r = step(self)
+        times.append(time.perf_counter() - t)
+        return r
+
+    trainer_mod.Trainer.train_step = timed_step
+    run_grpo("tiny", [f"model.init_from={model_dir}", f"data.path=[{prompts}]", f"out_dir={out}",
+                      f"train.max_steps={a.steps + a.warmup}", f"train.batch_size={a.prompts}", "train.grad_accum=1",
+                      "train.seq_len=256", "train.precision=bf16", "train.bf16_weights=false", "train.compile=false",
+                      f"grpo.num_generations={a.generations}", f"grpo.max_new_tokens={a.new_tokens}",
+                      "grpo.temperature=1.0", "grpo.beta=0.0", "grpo.ppo_epochs=1", "eval.every=0",
+                      "checkpoint.every=0", "log.every=1", "log.progress=false", "log.tensorboard=false",
+                      "log.plots=false"])
+    records = [r for r in read_metrics(out) if r.get("kind", "train") == "train"][a.warmup:]
+    timed = times[a.warmup:]
+    rollout = sum(r["rollout_s"] for r in records)
+    samples = a.prompts * a.generations * len(timed)
+    length = sum(r["completions/mean_length"] for r in records) / len(records)
+    return {"samples_per_s": samples / sum(timed), "tokens_per_s": samples * length / sum(timed),
+            "rollout_share": rollout / sum(timed), "rollout_tokens_per_s": samples * length / rollout,
+            "mean_length": length, "batch1_tokens_per_s": _batch1_decode(model_dir, prompts, a.new_tokens),
+            "threads": torch.get_num_threads()}
+
+
+def _batch1_decode(model_dir: Path, prompts: Path, new_tokens: int) -> float:
+    """zhllm's batch-1 decode of the same model (`zhllm generate`: the engine's default dtype, bf16 where the
+    CPU multiplies bf16 natively), the best of 3, in tokens/s."""
+    from zhllm.infer.engine import Engine
+    engine = Engine.load(model_dir)
+    prompt = [{"role": "user", "content": json.loads(prompts.read_text(encoding="utf-8").splitlines()[0])["prompt"]}]
+    best = 0.0
+    for _ in range(4):  # the first is warm-up
+        t = time.perf_counter()
+        out = engine.generate_batch([prompt], n=1, stop_token_ids=[], max_new_tokens=new_tokens, temperature=0.0)
+        best = max(best, len(out.completions[0].token_ids) / (time.perf_counter() - t))
+    return best
+
+
+def run_trl(model_dir: Path, prompts: Path, a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    rows = [json.loads(line) for line in prompts.read_text(encoding="utf-8").splitlines()]
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    times: list[float] = []
+    lengths: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    def exact(completions, answer, **kw):  # the reward costs nothing next to the model: any rule will do
+        return [float(str(ans) in c[0]["content"]) for c, ans in zip(completions, answer)]
+
+    args = GRPOConfig(output_dir=str(Path(a.tmp) / "trl-out"), report_to="none", use_cpu=True, bf16=True,
+                      per_device_train_batch_size=a.prompts * a.generations, num_generations=a.generations,
+                      max_completion_length=a.new_tokens, temperature=1.0, beta=0.0, num_iterations=1,
+                      max_steps=a.steps + a.warmup, learning_rate=1e-6, logging_steps=1, save_strategy="no",
+                      dataloader_num_workers=0, loss_type="grpo", disable_dropout=True, seed=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=exact, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[StepTimer()])
+    trainer.train()
+    timed = times[a.warmup:]
+    length = sum(lengths[a.warmup:]) / max(1, len(lengths[a.warmup:])) if lengths else float("nan")
+    samples = a.prompts * a.generations * len(timed)
+    return {"samples_per_s": samples / sum(timed), "tokens_per_s": samples * length / sum(timed),
+            "rollout_share": None, "rollout_tokens_per_s": None, "mean_length": length,
+            "batch1_tokens_per_s": None, "threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per side (each: one rollout + one update)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    ap.add_argument("--generations", type=int, default=8, help="completions per prompt")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--preset", default="26m")
+    ap.add_argument("--tmp", default="/tmp/zhllm-bench-rl")
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    tmp = Path(a.tmp)
+    prompts = tmp / "prompts.jsonl"
+    if a.side:
+        fn = run_zhllm if a.side == "zhllm" else run_trl
+        print(json.dumps(fn(_model_dir(a.preset, tmp), prompts, a)))
+        return 0
+    if not (SHARED / "tokenizers" / "minimind").is_dir():
+        print("needs ../shared/data (the MiniMind tokenizer)", file=sys.stderr)
+        return 1
+    from zhllm.demo import write_demo_rl_prompts
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_demo_rl_prompts(prompts, 256, seed=0)
+    _model_dir(a.preset, tmp)
+    results = {}
+    for side in SIDES:
+        cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--warmup", str(a.warmup),
+               "--prompts", str(a.prompts), "--generations", str(a.generations), "--new-tokens", str(a.new_tokens),
+               "--preset", a.preset, "--tmp", str(tmp)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{side}: failed\n{r.stderr[-2500:]}", file=sys.stderr)
+            continue
+        results[side] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{side}: {results[side]}", file=sys.stderr)
+    print(f"GRPO at the {a.preset} preset: {a.prompts} prompts x {a.generations} completions per step, up to "
+          f"{a.new_tokens} new tokens, bf16 autocast, {a.steps} timed steps after {a.warmup} warm-up\n")
+    print("| side | samples/s | completion tokens/s | mean completion length | rollout share of step | "
+          "rollout tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for side, r in results.items():
+        share = "-" if r["rollout_share"] is None else f"{r['rollout_share']:.0%}"
+        roll = "-" if r["rollout_tokens_per_s"] is None else f"{r['rollout_tokens_per_s']:.0f}"
+        print(f"| {side} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['mean_length']:.1f} | {share} | "
+              f"{roll} |")
+    if len(results) == 2:
+        z, t = results["zhllm"], results["TRL"]
+        print("\n| measure | zhllm | reference | ratio | target |")
+        print("|---|---:|---:|---:|---|")
+        print(f"| GRPO samples/s | {z['samples_per_s']:.2f} | {t['samples_per_s']:.2f} (TRL GRPOTrainer) | "
+              f"{z['samples_per_s'] / t['samples_per_s']:.2f}x | >= 2x |")
+        print(f"| completion tokens/s | {z['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} (TRL GRPOTrainer) | "
+              f"{z['tokens_per_s'] / t['tokens_per_s']:.2f}x | |")
+        print(f"| rollout tokens/s | {z['rollout_tokens_per_s']:.0f} | {z['batch1_tokens_per_s']:.0f} (zhllm batch-1 "
+              f"decode) | {z['rollout_tokens_per_s'] / z['batch1_tokens_per_s']:.2f}x | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
