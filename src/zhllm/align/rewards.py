@@ -8,6 +8,8 @@ Built-in rules (configured as `{type: ..., weight: ...}` entries of a recipe's `
   the first number in `answer`, else 0;
 - format: 1 when the stripped completion matches the regular expression `pattern` in full, else 0;
 - length: a penalty, 0 up to `target` completion tokens, then -(tokens - target) / target, at most -1.
+`{type: model, path: DIR}` scores each prompt + completion with a reward model (`zhllm rm`; align/reward_scores.py),
+rendered as a chat the way the reward model was trained.
 And `{type: function, function: "module:function"}` (or "path/to/file.py:function"): called as
 `fn(prompts=[...], completions=[...], answer=[...])` (TRL's keyword convention), it returns one number per
 completion. A function that cannot be imported, raises or returns anything else is an error naming it.
@@ -34,10 +36,11 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 @dataclass
 class RewardSpec:
-    type: Literal["exact", "numeric", "format", "length", "function"]
+    type: Literal["exact", "numeric", "format", "length", "model", "function"]
     weight: float = 1.0
     name: Optional[str] = None          # metric name; default the type (or the function's name)
     function: Optional[str] = None      # type function: "module:function" or "file.py:function"
+    path: Optional[str] = None          # type model: a reward-model directory
     pattern: Optional[str] = None       # type format: a regular expression the whole completion must match
     target: Optional[int] = checked(None, ge=1)  # type length: tokens allowed before the penalty starts
     tolerance: float = checked(1e-6, ge=0)       # type numeric
@@ -138,6 +141,25 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+_SCORERS: dict[str, Any] = {}  # a reward model is loaded once per process
+
+
+def reward_model(path: str, where: str):
+    from .reward_scores import RewardScorer
+    if path not in _SCORERS:
+        if not Path(path).expanduser().is_dir():
+            raise ConfigError(f"{where}: path {path}: no such reward-model directory")
+        try:
+            _SCORERS[path] = RewardScorer(Path(path).expanduser())
+        except ZhllmError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return _SCORERS[path]
+
+
+def _as_messages(prompt: Any) -> list[dict]:
+    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+
+
 # ---------------------------------------------------------------- the weighted sum
 
 @dataclass
@@ -200,7 +222,7 @@ def build_rewards(specs: Sequence[RewardSpec], source: str = "<config>") -> Rewa
 
 
 def _unused(s: RewardSpec, where: str, allowed: set[str]) -> None:
-    for key in ("function", "pattern", "target"):
+    for key in ("function", "pattern", "target", "path"):
         if key not in allowed and getattr(s, key) is not None:
             raise ConfigError(f"{where}: `{key}` does not apply to this reward type")
 
@@ -231,6 +253,14 @@ def _build_one(s: RewardSpec, where: str) -> RewardFunction:
             raise ConfigError(f"{where}: set `target`, the completion tokens allowed before the penalty")
         target = s.target
         return RewardFunction("length", s.weight, False, lambda p, c, a, n: [length_penalty(k, target) for k in n])
+    if s.type == "model":
+        _unused(s, where, {"path"})
+        if not s.path:
+            raise ConfigError(f"{where}: set `path`, a reward-model directory (zhllm rm's output)")
+        scorer = reward_model(s.path, where)
+        return RewardFunction("model", s.weight, False,
+                              lambda p, c, a, n: scorer.score([_as_messages(x) + [{"role": "assistant", "content": y}]
+                                                               for x, y in zip(p, c)]))
     _unused(s, where, {"function"})
     if not s.function:
         raise ConfigError(f"{where}: set `function: module:function`")

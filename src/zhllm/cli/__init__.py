@@ -14,12 +14,13 @@ from ..errors import ZhllmError
 
 # Modules that register commands; each has `register(root, groups)`.
 COMMAND_MODULES = ["model", "infer", "data", "shards", "tokenizer", "train", "sft", "pipeline", "dpo", "eval", "serve",
-                   "export", "grpo"]
+                   "export", "grpo", "rm"]
 GROUPS = {
     "model": "create, inspect and convert model checkpoints",
     "data": "clean corpora, pre-tokenise them into shards, inspect shards",
     "tokenizer": "train, extend and evaluate tokenizers",
     "dpo": "preference optimisation: train on preference pairs, make rejected answers with a model",
+    "rm": "reward models: train one on preference pairs, score records with it",
     "export": "convert a checkpoint for other runtimes: GGUF for llama.cpp, Ollama, LM Studio",
 }
 

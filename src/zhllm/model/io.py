@@ -126,7 +126,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra_fi
              for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # safetensors stores no aliases; transformers re-ties on load
-    hf = cfg.to_hf_dict()
+    hf = {**cfg.to_hf_dict(), **getattr(model, "hf_config_extra", {})}  # e.g. a reward model's head
     hf["torch_dtype"] = str(state["model.embed_tokens.weight"].dtype).replace("torch.", "")
     with atomic_directory(out_dir, marker=command) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -99,19 +99,20 @@ def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
-def open_preference_data(cfg: DpoConfig, tokenizer, log=print):
-    """(train, val or None) PreferenceDataset of the configured files, with the skip counts logged."""
+def open_preference_data(cfg: DpoConfig, tokenizer, log=print, stage: str = "dpo"):
+    """(train, val or None) PreferenceDataset of the configured files, with the skip counts logged.
+    `cfg` is any recipe with a `DpoDataSection` as `data` (DPO's, the reward model's)."""
     from ..data.preference import PreferenceDataset, load_preference_pairs
     d, t = cfg.data, cfg.train
     pairs, stats = load_preference_pairs(tokenizer, list(d.path), d.format, max_len=d.max_len or t.seq_len,
                                          max_prompt_len=d.max_prompt_len, overflow=d.overflow, strict=d.strict)
     for line in stats.summary().splitlines():
-        log(f"dpo data: {line}")
+        log(f"{stage} data: {line}")
     if not pairs:
         raise ZhllmError(f"data.path {list(d.path)}: no usable preference pair ({stats.bad.why_empty()})")
     train, val = split_pairs(pairs, d.val_fraction, t.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    log(f"dpo data: {len(train)} training pairs, {len(val)} held out")
+    log(f"{stage} data: {len(train)} training pairs, {len(val)} held out")
     return PreferenceDataset(train, seed=t.seed, pad_id=pad), \
         (PreferenceDataset(val, seed=t.seed, pad_id=pad) if val else None)
 

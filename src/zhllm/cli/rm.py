@@ -1,0 +1,70 @@
+"""Parsers for `zhllm rm ...` (reward models); see cli/__init__.py."""
+from __future__ import annotations
+
+from ..errors import ZhllmError
+from . import add_progress_flag
+
+
+def _train(args) -> None:
+    from ..train.rm import run_rm
+
+    summary = run_rm(args.config, args.set, resume=args.resume)
+    print(f"rm finished at step {summary['step']}/{summary['max_steps']}; val loss {summary.get('val_loss')}")
+
+
+def _group(args) -> None:
+    """`zhllm rm --config ...` is `zhllm rm train --config ...`."""
+    if args.group_config is None:
+        raise ZhllmError("zhllm rm: name a subcommand (train, score) or give --config RECIPE; see --help")
+    args.config, args.set, args.resume = args.group_config, args.group_set, args.group_resume
+    _train(args)
+
+
+def _score(args) -> None:
+    from ..align.reward_scores import score_file
+
+    stats = score_file(args.model, args.input, args.out, batch_size=args.batch_size, max_len=args.max_len,
+                       strict=args.strict, progress=not args.no_progress)
+    print(stats)
+    print(f"wrote {args.out}")
+
+
+def _add_train_options(p, dest_prefix: str = "") -> None:
+    p.add_argument("--config", dest=f"{dest_prefix}config", required=not dest_prefix, metavar="RECIPE",
+                   help="reward-model recipe YAML, or a packaged name: tiny, 26m")
+    p.add_argument("--set", dest=f"{dest_prefix}set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.init_from=DIR (repeatable)")
+    p.add_argument("--resume", dest=f"{dest_prefix}resume", metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint (auto) or PATH")
+
+
+def register(root, groups) -> None:
+    group = root.choices["rm"]
+    groups["rm"].required = False
+    _add_train_options(group, dest_prefix="group_")
+    group.set_defaults(func=_group)
+
+    p = groups["rm"].add_parser(
+        "train", help="train a reward model on preference pairs (Bradley-Terry)",
+        description="Train a reward model (the decoder plus a scalar head on the last token) on preference pairs "
+                    "in DPO's formats: -log sigmoid(r_chosen - r_rejected - margin). Starts from an SFT checkpoint, "
+                    "saves transformers' *ForSequenceClassification checkpoints, reports held-out pair accuracy. "
+                    "Same loop, checkpoints, resume and torchrun support as the other stages.")
+    _add_train_options(p)
+    p.set_defaults(func=_train)
+
+    p = groups["rm"].add_parser(
+        "score", help="score records with a reward model",
+        description="Score every record with a reward model: preference records (any DPO format) get "
+                    "chosen_score and rejected_score (and the summary counts how often chosen wins); chat records "
+                    "({messages}, or {prompt, response}) get score. Writes the records with their scores as JSONL.")
+    p.add_argument("--model", required=True, help="reward-model directory (zhllm rm output or any HF "
+                                                  "Llama/Qwen2 sequence-classification checkpoint)")
+    p.add_argument("--input", required=True, nargs="+", help="json, jsonl or parquet files")
+    p.add_argument("--out", required=True, help="output .jsonl file (written atomically when complete)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows scored together (default 16)")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per row; longer rows keep their end "
+                                                             "(default: the model's context)")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    add_progress_flag(p)
+    p.set_defaults(func=_score)

@@ -1,0 +1,118 @@
+"""`zhllm rm`: a reward model = the shared Trainer + the Bradley–Terry objective + preference pairs.
+
+The model is model/reward.py's `RewardModel` (the decoder and a scalar head on each sequence's last token),
+started from a causal LM (an SFT checkpoint: its backbone, a new head) and saved as transformers'
+`*ForSequenceClassification`. The pairs are DPO's (the same formats, rendering, truncation and held-out split);
+the loss is -log sigmoid(r_chosen - r_rejected - margin), plus `center_coef` * (r_chosen + r_rejected)^2
+(keeps the scores near zero; TRL's `center_rewards_coefficient`). Held-out pair accuracy is its eval metric.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import checked
+from ..errors import ConfigError
+from ..eval.loss import LossOutput
+from .config import EvalSection, StageConfig, TrainSection, load_stage_config
+from .dpo import DpoDataSection, open_preference_data
+from .run import Stage, StageRun, run_stage
+from .sft import resolve_init_from
+
+
+@dataclass
+class RmSection:
+    margin: float = checked(0.0, ge=0)       # r_chosen must beat r_rejected by this much before the loss is small
+    center_coef: float = checked(0.0, ge=0)  # weight of (r_chosen + r_rejected)^2
+
+
+@dataclass
+class RmConfig(StageConfig):
+    """The reward-model recipe: the shared sections (its own defaults), preference data, the loss."""
+    model: dict = field(default_factory=dict)   # init_from: DIR (an SFT checkpoint, or a reward model)
+    train: TrainSection = field(default_factory=lambda: TrainSection(max_steps=200, lr=1e-5, warmup_steps=10,
+                                                                     weight_decay=0.0))
+    eval: EvalSection = field(default_factory=lambda: EvalSection(every=100, batches=8))
+    out_dir: str = checked("runs/rm", nonblank=True)
+    data: DpoDataSection = field(default_factory=DpoDataSection)
+    rm: RmSection = field(default_factory=RmSection)
+
+    def validate(self, source: str) -> "RmConfig":
+        if set(self.model) != {"init_from"} or not isinstance(self.model["init_from"], str) \
+                or not self.model["init_from"].strip():
+            raise ConfigError(f"{source}: the rm model section takes exactly `init_from: DIR` (an SFT model or a "
+                              f"reward model; got {self.model or 'nothing'})")
+        if not self.data.path:
+            raise ConfigError(f"{source}: data.path must name preference files")
+        if self.eval.prompts:
+            raise ConfigError(f"{source}: eval.prompts samples text; a reward model has no vocabulary head")
+        super().validate(source)
+        if self.data.max_len and self.data.max_len > self.train.seq_len:
+            raise ConfigError(f"{source}: data.max_len={self.data.max_len} exceeds train.seq_len={self.train.seq_len}")
+        return self
+
+
+def load_rm_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RmConfig, str]:
+    return load_stage_config(RmConfig, path, overrides, "rm")
+
+
+@dataclass
+class RmLossOutput(LossOutput):
+    metrics: dict[str, float] = field(default_factory=dict)  # sums over the batch's pairs
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
+                       center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair losses: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2."""
+    losses = -F.logsigmoid(chosen - rejected - margin)
+    return losses + center_coef * (chosen + rejected) ** 2 if center_coef else losses
+
+
+class BradleyTerry:
+    """The reward-model objective: `weight` is the number of pairs; one forward scores chosen and rejected rows."""
+
+    name = "rm"
+
+    def __init__(self, margin: float = 0.0, center_coef: float = 0.0):
+        self.margin, self.center_coef = margin, center_coef
+
+    def weight(self, batch: dict) -> float:
+        return float(batch["input_ids"].shape[0] // 2)
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> RmLossOutput:
+        scores = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        b = scores.shape[0] // 2
+        chosen, rejected = scores[:b], scores[b:]
+        losses = bradley_terry_loss(chosen, rejected, self.margin, self.center_coef)
+        c, r = chosen.detach(), rejected.detach()
+        metrics = {"rewards/chosen": float(c.sum()), "rewards/rejected": float(r.sum()),
+                   "rewards/margins": float((c - r).sum()), "rewards/accuracy": float((c > r).float().sum())}
+        return RmLossOutput(losses.sum(), float(b), metrics)
+
+
+def build_reward_model(run: StageRun, train) -> torch.nn.Module:
+    from ..errors import ZhllmError
+    from ..model.reward import load_reward_model
+    model = load_reward_model(run.resume_dir or run.init_from, train=True, seed=run.cfg.train.seed)
+    if len(run.tokenizer) > model.config.vocab_size:
+        raise ZhllmError(f"{run.init_from}: tokenizer has {len(run.tokenizer)} tokens, the model only "
+                         f"{model.config.vocab_size}")
+    if model.config.pad_token_id is None:
+        # transformers finds each row's last token by its pad id; the batches pad with this one (open_preference_data)
+        tok = run.tokenizer
+        model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return model
+
+
+RM_STAGE = Stage(
+    name="rm", config=RmConfig, prepare=resolve_init_from, build_model=build_reward_model,
+    objective=lambda run, model: BradleyTerry(run.cfg.rm.margin, run.cfg.rm.center_coef),
+    open_data=lambda run: open_preference_data(run.cfg, run.tokenizer, log=run.echo, stage="rm"))
+
+
+def run_rm(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> dict:
+    """Train a reward model from a recipe; returns the run summary. Works under torchrun like the other stages."""
+    return run_stage(RM_STAGE, config, overrides, resume)
