@@ -6,7 +6,7 @@ from zhllm import ZhllmError, generate, stream_generate
 from zhllm.infer.decoder import FusedDecoder, FusedDecoderCache
 from zhllm.infer.generate import generate_batch, generate_ids, load_for_inference
 from zhllm.infer.prompts import encode_messages
-from zhllm.infer.sampling import SamplingParams, filter_top_k, filter_top_p, apply_repetition_penalty
+from zhllm.infer.sampling import SamplingParams, apply_repetition_penalty, draw, filter_top_k, filter_top_p
 from zhllm.infer.textstream import TextStream
 from zhllm.model.config import model_config_from
 from zhllm.model.io import new_model, save_model
@@ -155,6 +155,17 @@ def test_filters_agree_with_transformers_processors():
     seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, ids, True)
     assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3),
                           RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+
+
+def test_draw_samples_the_given_probabilities():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]])
+    rows = probs.repeat(50_000, 1)
+    picks = draw(rows, torch.Generator().manual_seed(0)).view(-1, 2)
+    freq = torch.stack([torch.bincount(picks[:, r], minlength=4) / picks.shape[0] for r in range(2)])
+    assert torch.allclose(freq, probs, atol=0.005)  # ~4.5 standard errors at 50k draws
+    assert not (picks[:, 0] == 1).any()  # a filtered (zero) token is never drawn
+    a, b = (draw(rows, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a, b)
 
 
 def test_bad_sampling_settings_are_errors():

@@ -46,6 +46,10 @@ class GrpoSection:
     epsilon_high: float = checked(0.2, ge=0)   # DAPO's clip-higher: e.g. 0.28
     beta: float = checked(0.0, ge=0)           # KL weight; 0 = no reference pass at all
     reference: Literal["auto", "copy", "adapter"] = "auto"  # auto: adapter with LoRA, else copy
+    # dtype the completions are sampled in: auto = inference's default (bf16 on GPUs and on CPUs with native bf16),
+    # from a copy of the policy's weights made per rollout (a plain model; LoRA/FSDP sample in their own). The
+    # loss's log-probs always come from the training forward.
+    rollout_dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
@@ -133,11 +137,12 @@ def grpo_objective(run: StageRun, model: torch.nn.Module):
         else:
             from ..model.io import load_model
             reference = CopyReference(load_model(run.init_from, dtype=torch.float32))
-    sampling = Sampling(g.num_generations, g.max_new_tokens, g.temperature, g.top_p, g.top_k, list(g.stop_strings))
+    sampling = Sampling(g.num_generations, g.max_new_tokens, g.temperature, g.top_p, g.top_k, list(g.stop_strings),
+                        g.rollout_dtype)
     return GRPO(sampling, loss_type=g.loss_type, scale_rewards=g.scale_rewards, epsilon_low=g.epsilon_low,
                 epsilon_high=g.epsilon_high, beta=g.beta, ppo_epochs=g.ppo_epochs, seed=cfg.train.seed,
                 grad_accum=cfg.train.grad_accum, reference=reference, tokenizer=run.tokenizer,
-                resume_dir=run.resume_dir)
+                resume_dir=run.resume_dir, width_multiple=64 if cfg.train.compile else 1)
 
 
 def build_grpo_model(run: StageRun, train) -> torch.nn.Module:

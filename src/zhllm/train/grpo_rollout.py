@@ -61,6 +61,7 @@ class Sampling:
     top_p: float
     top_k: int
     stop_strings: list[str]
+    dtype: str = "auto"  # auto | fp32 | bf16 (GrpoSection.rollout_dtype)
 
 
 class GRPO:
@@ -68,13 +69,14 @@ class GRPO:
 
     def __init__(self, sampling: Sampling, *, loss_type: str, scale_rewards: bool, epsilon_low: float,
                  epsilon_high: float, beta: float, ppo_epochs: int, seed: int, grad_accum: int,
-                 reference: Callable | None, tokenizer, resume_dir: Path | None = None):
+                 reference: Callable | None, tokenizer, resume_dir: Path | None = None, width_multiple: int = 1):
         """reference(model) -> (module, context): what computes the reference's log-probs (a frozen copy, or
         the policy inside `adapters_disabled`); None when beta == 0."""
         self.sampling, self.loss_type, self.scale_rewards = sampling, loss_type, scale_rewards
         self.epsilon_low, self.epsilon_high, self.beta = epsilon_low, epsilon_high, beta
         self.ppo_epochs, self.seed, self.grad_accum = ppo_epochs, seed, grad_accum
         self.reference, self.tokenizer, self.resume_dir = reference, tokenizer, resume_dir
+        self.width_multiple = width_multiple
         self.buffer: dict[int, Rollout] = {}
         self.echo = print
 
@@ -85,6 +87,9 @@ class GRPO:
     def prepare(self, trainer) -> None:
         self.data, self.policy, self.echo = trainer.train_data, trainer.model, trainer.echo
         self.device = trainer.d.device
+        from ..device import resolve_dtype
+        self.sample_dtype = resolve_dtype({"fp32": "float32", "bf16": "bfloat16"}.get(self.sampling.dtype, "auto"),
+                                          self.device)
         if hasattr(self.reference, "prepare"):
             self.reference.prepare(trainer)
         path = self.resume_dir / ROLLOUT_FILE if self.resume_dir is not None else None
@@ -136,7 +141,7 @@ class GRPO:
         from ..infer.engine import Engine
         # A fresh engine per rollout: fused AdamW updates weights without bumping the version counters a
         # long-lived engine's fused decode cache watches, so a kept engine could sample from stale weights.
-        engine = Engine(self.policy, self.tokenizer)
+        engine = Engine(self._sampling_model(), self.tokenizer)
         was_training = self.policy.training
         self.policy.eval()  # LoRA dropout off while sampling
         # Sampling in the weights' own dtype: under the trainer's autocast the fused step would re-cast fp32
@@ -153,7 +158,8 @@ class GRPO:
             [r.prompt for r, _ in rows], [c.text for _, c in rows], [r.answer for r, _ in rows],
             [len(c.token_ids) for _, c in rows])
         advantages = group_advantages(total, s.group_size, self.scale_rewards)
-        rollout = Rollout(*_training_rows([r.ids for r, _ in rows], [c.token_ids for _, c in rows], self.device),
+        rollout = Rollout(*_training_rows([r.ids for r, _ in rows], [c.token_ids for _, c in rows], self.device,
+                                          self.width_multiple),
                           advantages=advantages.to(self.device),
                           metrics=_reward_metrics(total, per_function, s.group_size, gen), group=group)
         with torch.no_grad():
@@ -165,6 +171,18 @@ class GRPO:
                     rollout.ref_logps = self._token_logps(module, rollout)[0]
         return rollout
 
+    def _sampling_model(self) -> torch.nn.Module:
+        """The policy, or a copy of its weights in the sampling dtype (bf16 decodes about twice as fast on a
+        CPU with bf16 units; made per rollout, it always holds the current weights)."""
+        from ..infer.backends import unwrap
+        from ..infer.decoder import can_fuse
+        module = unwrap(self.policy)
+        if not can_fuse(module) or module.model.embed_tokens.weight.dtype == self.sample_dtype:
+            return self.policy
+        from ..model.io import model_from_state_dict
+        state = {k: v.detach().to(self.sample_dtype) for k, v in module.state_dict().items()}
+        return model_from_state_dict(module.config, state).eval()
+
     def _token_logps(self, model: torch.nn.Module, rollout: Rollout,
                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = model(rollout.input_ids)
@@ -173,12 +191,15 @@ class GRPO:
         return logps * rollout.mask, entropy if with_entropy else None
 
 
-def _training_rows(prompts: list[list[int]], completions: list[list[int]], device) -> tuple[torch.Tensor, ...]:
+def _training_rows(prompts: list[list[int]], completions: list[list[int]], device,
+                   multiple: int = 1) -> tuple[torch.Tensor, ...]:
     """(input_ids, positions, targets, mask): prompt + completion per row, right-padded (a causal model's
-    real tokens never see the padding after them)."""
+    real tokens never see the padding after them) to a multiple of `multiple` tokens: compiled layers then
+    see a few shapes instead of one per rollout."""
     n = len(prompts)
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    tc = max(len(c) for c in completions)
+    up = lambda x: -(-x // multiple) * multiple  # noqa: E731
+    width = up(max(len(p) + len(c) for p, c in zip(prompts, completions)))
+    tc = up(max(len(c) for c in completions))
     ids = torch.zeros(n, width, dtype=torch.long)
     positions = torch.zeros(n, tc, dtype=torch.long)
     targets = torch.zeros(n, tc, dtype=torch.long)
