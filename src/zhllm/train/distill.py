@@ -1,0 +1,147 @@
+"""`zhllm distill`: knowledge distillation = the shared Trainer + the `Distill` objective + token shards.
+
+A student (a fresh preset, `init_from`, or a resumed checkpoint, built as pretraining builds it) learns the
+next-token distribution of a teacher (any HF Llama/Qwen2 checkpoint with the shards' tokenizer) on the same
+packed windows: loss per token = alpha * T^2 * KL + (1 - alpha) * cross-entropy with the data, where KL is
+forward KL(teacher_T || student_T) (mass-covering, the classic Hinton loss) or reverse KL(student_T ||
+teacher_T) (mode-seeking, as in MiniLLM), both at temperature T. The T^2 keeps the KL's gradients on the
+cross-entropy's scale. The teacher runs without gradients in its inference dtype (bf16 where the hardware
+has it) and is never part of a checkpoint.
+
+Black-box distillation (only the teacher's text, e.g. a hosted model) is SFT on its answers instead: generate
+them with `zhllm data self-instruct` against an OpenAI-compatible endpoint (or `zhllm serve` of the teacher)
+and train with `zhllm sft`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..config import checked
+from ..errors import ConfigError, ZhllmError
+from ..eval.loss import LossOutput
+from .config import RunConfig
+from .pretrain import build_model, open_token_data
+from .run import Stage, StageRun, default_inputs, run_stage
+
+
+@dataclass
+class TeacherSection:
+    path: str = ""                                          # an HF Llama/Qwen2 checkpoint directory
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where the hardware has it
+
+
+@dataclass
+class DistillSection:
+    kind: Literal["forward", "reverse"] = "forward"  # KL(teacher || student), or KL(student || teacher)
+    temperature: float = checked(2.0, gt=0)
+    alpha: float = checked(0.5, ge=0, le=1)          # weight of the KL term; 1 - alpha: cross-entropy with the data
+
+
+@dataclass
+class DistillConfig(RunConfig):
+    """The distillation recipe: pretraining's sections (student model, token shards), the teacher, the loss."""
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    out_dir: str = checked("runs/distill", nonblank=True)
+
+    def validate(self, source: str) -> "DistillConfig":
+        if not self.teacher.path.strip():
+            raise ConfigError(f"{source}: teacher.path must name the teacher's checkpoint directory")
+        return super().validate(source)
+
+
+@dataclass
+class DistillLossOutput(LossOutput):
+    metrics: dict[str, float] = field(default_factory=dict)  # sums over the batch's tokens
+
+
+def distill_losses(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, kind: str = "forward",
+                   temperature: float = 1.0, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, kl, ce) summed over tokens, from (N, V) logits of both models and (N,) next tokens, in fp32."""
+    s = student.float()
+    s_t, t_t = F.log_softmax(s / temperature, -1), F.log_softmax(teacher.float() / temperature, -1)
+    if kind == "forward":
+        kl = (t_t.exp() * (t_t - s_t)).sum(-1)
+    elif kind == "reverse":
+        kl = (s_t.exp() * (s_t - t_t)).sum(-1)
+    else:
+        raise ZhllmError(f"distill kind must be forward or reverse, not {kind!r}")
+    kl = kl.sum()
+    ce = F.cross_entropy(s, targets, reduction="sum")
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce, kl, ce
+
+
+class Distill:
+    """Next-token distillation on packed windows: `weight` is the predicted tokens, as in pretraining."""
+
+    name = "distill"
+
+    def __init__(self, teacher: torch.nn.Module, vocab: int, kind: str, temperature: float, alpha: float):
+        self.teacher, self.vocab = teacher.eval().requires_grad_(False), vocab
+        self.kind, self.temperature, self.alpha = kind, temperature, alpha
+
+    def prepare(self, trainer) -> None:
+        self.teacher.to(trainer.d.device)
+
+    def weight(self, batch: torch.Tensor) -> float:
+        return float(batch.shape[0] * (batch.shape[1] - 1))
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> DistillLossOutput:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with torch.no_grad():
+            teacher = self.teacher(inputs)[..., :self.vocab]
+        student = model(inputs)[..., :self.vocab]
+        total, kl, ce = distill_losses(student.reshape(-1, self.vocab), teacher.reshape(-1, self.vocab),
+                                       targets.reshape(-1), self.kind, self.temperature, self.alpha)
+        return DistillLossOutput(total, self.weight(batch), {"kl": float(kl), "ce": float(ce)})
+
+
+def check_teacher(run: StageRun) -> None:
+    """Before anything loads: the teacher exists and speaks the shards' tokenizer (same vocabulary fingerprint)."""
+    from ..data.shard_dir import tokenizer_fingerprint
+    from ..data.shards import ShardDirectory
+    from ..tokenizer.load import load_tokenizer
+    path = run.cfg.teacher.path
+    if not Path(path).is_dir():
+        raise ConfigError(f"{run.source}: teacher.path {path}: no such model directory")
+    shards = next((p for p in run.cfg.data.path if (Path(p) / "meta.json").is_file()), None)
+    if shards is None:
+        return  # open_data names the missing shard directory
+    theirs, ours = tokenizer_fingerprint(load_tokenizer(path)), ShardDirectory(shards).meta.get("tokenizer_sha256")
+    if ours != theirs:
+        raise ZhllmError(f"teacher {path} and the shards {shards} use different tokenizers (their vocabularies "
+                         "differ); distillation compares next-token distributions id by id, so tokenize the "
+                         "corpus with the teacher's tokenizer")
+
+
+def distill_objective(run: StageRun, model: torch.nn.Module) -> Distill:
+    from ..data.shards import ShardDirectory
+    from ..device import resolve_device, resolve_dtype
+    from ..model.io import load_model
+    cfg: DistillConfig = run.cfg
+    vocab = ShardDirectory(cfg.data.path[0]).vocab_size  # the tokenizer's ids; rows past them are padding
+    dtype = resolve_dtype(cfg.teacher.dtype, resolve_device(cfg.train.device))
+    teacher = load_model(cfg.teacher.path, dtype=dtype)
+    if teacher.config.vocab_size < vocab:
+        raise ZhllmError(f"teacher {cfg.teacher.path}: vocabulary {teacher.config.vocab_size} is smaller than the "
+                         f"shards' {vocab}")
+    d = cfg.distill
+    return Distill(teacher, vocab, d.kind, d.temperature, d.alpha)
+
+
+DISTILL_STAGE = Stage(
+    name="distill", config=DistillConfig, objective=distill_objective, prepare=check_teacher,
+    open_data=lambda run: open_token_data(run.cfg),
+    build_model=lambda run, train: build_model(run.cfg, run.source, train.vocab_size, getattr(train, "eos_id", None),
+                                               run.resume_dir),
+    inputs=lambda cfg: default_inputs(cfg) + [cfg.teacher.path])
+
+
+def run_distill(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> dict:
+    """Distil a teacher into a student from a recipe; returns the run summary. Works under torchrun too."""
+    return run_stage(DISTILL_STAGE, config, overrides, resume)

@@ -1,0 +1,90 @@
+"""`zhllm distill`: the loss is the written-out formula, a tiny student's KL to its teacher falls, a teacher with
+another tokenizer is refused in one line, and a killed run resumes bitwise."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train_support import make_shards, train_losses
+from zhllm.cli import main
+from zhllm.train.distill import distill_losses, run_distill
+
+
+def test_loss_is_the_written_out_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    y = torch.randint(0, 7, (5,))
+    T, alpha = 2.0, 0.3
+    ps, pt = (s / T).softmax(-1), (t / T).softmax(-1)
+    forward = sum(float(pt[i, j] * math.log(pt[i, j] / ps[i, j])) for i in range(5) for j in range(7))
+    reverse = sum(float(ps[i, j] * math.log(ps[i, j] / pt[i, j])) for i in range(5) for j in range(7))
+    ce = sum(-float(s[i].log_softmax(-1)[y[i]]) for i in range(5))
+    for kind, kl in (("forward", forward), ("reverse", reverse)):
+        total, got_kl, got_ce = distill_losses(s, t, y, kind, T, alpha)
+        assert float(got_kl) == pytest.approx(kl, rel=1e-5) and float(got_ce) == pytest.approx(ce, rel=1e-5)
+        assert float(total) == pytest.approx(alpha * T * T * kl + (1 - alpha) * ce, rel=1e-5)
+    assert float(distill_losses(t, t, y, "forward", T, 1.0)[0]) == pytest.approx(0, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tokenizer_dir, corpus):
+    return make_shards(tmp_path_factory.mktemp("shards") / "s", tokenizer_dir, corpus)
+
+
+def sets(teacher, shards, out, *extra):
+    return [f"teacher.path={teacher}", f"data.path=[{shards}]", f"out_dir={out}", "model.dim=32", "model.n_heads=4",
+            "model.n_kv_heads=2", "model.ffn_dim=64", "train.max_steps=8", "train.batch_size=4", "train.seq_len=32",
+            "train.lr=3e-3", "train.warmup_steps=1", "train.precision=fp32", "train.threads=1",
+            "teacher.dtype=float32", "eval.every=4", "eval.batches=2", "eval.prompts=[]", "checkpoint.every=4",
+            "log.every=1", "log.progress=false", "log.tensorboard=false", "log.plots=false", *extra]
+
+
+def kls(run_dir, kind="train"):
+    from zhllm.train.metrics import read_metrics
+    return [r["kl"] if kind == "train" else r["val_kl"] for r in read_metrics(run_dir) if r.get("kind", "train") == kind]
+
+
+def test_student_kl_to_the_teacher_falls(tmp_path, tiny_model_dir, shards):
+    torch.set_num_threads(1)
+    run_distill("tiny", sets(tiny_model_dir, shards, tmp_path / "run", "train.max_steps=24", "eval.every=8",
+                             "distill.alpha=1.0", "distill.temperature=1.0"))
+    train, val = kls(tmp_path / "run"), kls(tmp_path / "run", "eval")
+    assert len(train) == 24 and len(val) == 3
+    assert sum(train[-4:]) / 4 < 0.7 * sum(train[:4]) / 4
+    assert val[-1] < val[0]
+    assert not any(p.name.startswith("teacher") for p in (tmp_path / "run" / "checkpoints" / "latest").iterdir())
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path, shards, corpus, capsys):
+    from zhllm.model.config import model_config_from
+    from zhllm.model.io import new_model, save_model
+    from zhllm.tokenizer.load import load_tokenizer
+    from zhllm.tokenizer.train import train_tokenizer_from_texts
+    other_tok = train_tokenizer_from_texts(corpus, vocab_size=320, out_dir=tmp_path / "tok")
+    other = save_model(new_model(model_config_from("tiny", {"vocab_size": len(load_tokenizer(other_tok))})),
+                       tmp_path / "teacher", tokenizer=other_tok)
+    argv = ["distill", "--config", "tiny"] + sum((["--set", s] for s in sets(other, shards, tmp_path / "x")), [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "use different tokenizers" in err and len(err.splitlines()) == 1, err
+    argv = ["distill", "--config", "tiny"] + sum((["--set", s] for s in sets(tmp_path / "nope", shards,
+                                                                              tmp_path / "y")), [])
+    assert main(argv) == 2
+    assert "teacher.path" in capsys.readouterr().err
+
+
+def test_kill_and_resume_is_bitwise_equal(tmp_path, tiny_model_dir, shards):
+    torch.set_num_threads(1)
+    run_distill("tiny", sets(tiny_model_dir, shards, tmp_path / "ref"))
+    args = [sys.executable, "-m", "zhllm", "distill", "--config", "tiny"]
+    for s in sets(tiny_model_dir, shards, tmp_path / "cut"):
+        args += ["--set", s]
+    died = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1", "ZHLLM_FAIL_AT_STEP": "6"},
+                          capture_output=True, text=True)
+    assert died.returncode == 1, died.stderr[-2000:]
+    run_distill("tiny", sets(tiny_model_dir, shards, tmp_path / "cut"), resume="auto")
+    assert train_losses(tmp_path / "ref") == train_losses(tmp_path / "cut")
+    assert kls(tmp_path / "ref") == kls(tmp_path / "cut")
