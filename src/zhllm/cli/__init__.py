@@ -14,7 +14,7 @@ from ..errors import ZhllmError
 
 # Modules that register commands; each has `register(root, groups)`.
 COMMAND_MODULES = ["model", "infer", "data", "shards", "tokenizer", "train", "sft", "pipeline", "dpo", "eval", "serve",
-                   "export", "grpo", "rm", "distill"]
+                   "export", "grpo", "rm", "distill", "ppo"]
 GROUPS = {
     "model": "create, inspect and convert model checkpoints",
     "data": "clean corpora, pre-tokenise them into shards, inspect shards",

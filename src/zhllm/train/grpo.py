@@ -111,17 +111,19 @@ def prepare_grpo(run: StageRun) -> None:
 def open_prompts(run: StageRun):
     """(train PromptDataset, None): the prompts with the skip counts logged."""
     from .grpo_data import PromptDataset, load_prompts
-    cfg: GrpoConfig = run.cfg
-    d, t, g = cfg.data, cfg.train, cfg.grpo
+    cfg = run.cfg
+    d, t = cfg.data, cfg.train
+    stage = "grpo" if hasattr(cfg, "grpo") else "ppo"  # PPO (train/ppo.py) reads its prompts the same way
+    g = getattr(cfg, stage)
     rewards = build_rewards(cfg.rewards, run.source)
     records, stats = load_prompts(run.tokenizer, list(d.path), rewards, chat=d.chat, strict=d.strict,
                                   max_prompt_len=d.max_prompt_len or t.seq_len - g.max_new_tokens)
     for line in stats.summary().splitlines():
-        run.echo(f"grpo data: {line}")
+        run.echo(f"{stage} data: {line}")
     if not records:
         raise ZhllmError(f"data.path {list(d.path)}: no usable prompt ({stats.why_empty()})")
     world = run.dist.world if run.dist is not None else 1
-    run.echo(f"grpo data: {len(records)} prompts, {g.num_generations} completions each")
+    run.echo(f"{stage} data: {len(records)} prompts, {g.num_generations} completions each")
     return PromptDataset(records, rewards, seed=t.seed, ppo_epochs=g.ppo_epochs,
                          prompts_per_step=t.batch_size * t.grad_accum * world), None
 

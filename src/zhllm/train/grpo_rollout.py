@@ -44,6 +44,8 @@ class Rollout:
     group: int                 # which rollout (ppo_epochs passes share it)
     old_logps: torch.Tensor | None = None  # the sampling policy's, when passes > 1
     ref_logps: torch.Tensor | None = None  # the reference's, when beta > 0
+    values: torch.Tensor | None = None     # PPO: the value model's (N, Tc) at sampling time
+    returns: torch.Tensor | None = None    # PPO: GAE returns (N, Tc)
 
     def to_state(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -107,17 +109,7 @@ class GRPO:
 
     def loss(self, model: torch.nn.Module, batch: dict) -> GrpoOutput:
         source, pass_, group = (int(x) for x in batch["rollout"].tolist())
-        rollout_s = 0.0
-        rollout = self.buffer.get(source)
-        if rollout is None or rollout.group != group:
-            if pass_ > 0:
-                self.echo(f"grpo: the rollout of pass {pass_ + 1}/{self.ppo_epochs} is missing (a checkpoint made "
-                          "without it); sampling it again from the current policy")
-            t0 = time.perf_counter()
-            rollout = self._rollout(batch["prompt_index"].tolist(), source, group)
-            rollout_s = time.perf_counter() - t0
-            self.buffer = {k: r for k, r in self.buffer.items() if r.group == group}
-            self.buffer[source] = rollout
+        rollout, rollout_s = self._rollout_for(batch, source, pass_, group)
         logps, entropy = self._token_logps(model, rollout, with_entropy=True)
         old = rollout.old_logps if rollout.old_logps is not None else logps.detach()
         out = grpo_loss(logps, old, rollout.ref_logps, rollout.advantages, rollout.mask, loss_type=self.loss_type,
@@ -134,29 +126,24 @@ class GRPO:
         return GrpoOutput(out.loss, 1.0, metrics)
 
     # ---- rollouts ----
+    def _rollout_for(self, batch: dict, source: int, pass_: int, group: int) -> tuple[Rollout, float]:
+        """(the rollout this micro-batch trains on, seconds spent sampling it now): the buffered one on later
+        passes, a new one on the first."""
+        rollout = self.buffer.get(source)
+        if rollout is not None and rollout.group == group:
+            return rollout, 0.0
+        if pass_ > 0:
+            self.echo(f"{self.name}: the rollout of pass {pass_ + 1}/{self.ppo_epochs} is missing (a checkpoint "
+                      "made without it); sampling it again from the current policy")
+        t0 = time.perf_counter()
+        rollout = self._rollout(batch["prompt_index"].tolist(), source, group)
+        self.buffer = {k: r for k, r in self.buffer.items() if r.group == group}
+        self.buffer[source] = rollout
+        return rollout, time.perf_counter() - t0
+
     def _rollout(self, prompt_index: list[int], source: int, group: int) -> Rollout:
         s = self.sampling
-        records = [self.data.records[i] for i in prompt_index]
-        seed = int(np.random.SeedSequence([self.seed, source]).generate_state(1, np.uint64)[0] >> 1)
-        from ..infer.engine import Engine
-        # A fresh engine per rollout: fused AdamW updates weights without bumping the version counters a
-        # long-lived engine's fused decode cache watches, so a kept engine could sample from stale weights.
-        engine = Engine(self._sampling_model(), self.tokenizer)
-        was_training = self.policy.training
-        self.policy.eval()  # LoRA dropout off while sampling
-        # Sampling in the weights' own dtype: under the trainer's autocast the fused step would re-cast fp32
-        # weights at every token. The log-probs the loss uses come from the training forward below.
-        try:
-            with torch.autocast(self.device.type, enabled=False):
-                gen = engine.generate_batch([r.ids for r in records], n=s.group_size, seed=seed,
-                                            max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                            top_p=s.top_p, top_k=s.top_k, stop_strings=tuple(s.stop_strings))
-        finally:
-            self.policy.train(was_training)
-        rows = [(records[c.prompt_index], c) for c in gen.completions]
-        total, per_function = self.data.rewards.score(
-            [r.prompt for r, _ in rows], [c.text for _, c in rows], [r.answer for r, _ in rows],
-            [len(c.token_ids) for _, c in rows])
+        rows, gen, total, per_function = self._sample_and_score(prompt_index, source)
         advantages = group_advantages(total, s.group_size, self.scale_rewards)
         rollout = Rollout(*_training_rows([r.ids for r, _ in rows], [c.token_ids for _, c in rows], self.device,
                                           self.width_multiple),
@@ -170,6 +157,33 @@ class GRPO:
                 with context:
                     rollout.ref_logps = self._token_logps(module, rollout)[0]
         return rollout
+
+    def _sample_and_score(self, prompt_index: list[int], source: int):
+        """(rows: [(record, completion)], the BatchGeneration, total rewards (N,), {function: rewards (N,)}) of
+        `group_size` samples per prompt, seeded by the rollout's data position."""
+        s = self.sampling
+        records = [self.data.records[i] for i in prompt_index]
+        seed = int(np.random.SeedSequence([self.seed, source]).generate_state(1, np.uint64)[0] >> 1)
+        from ..infer.engine import Engine
+        # A fresh engine per rollout: fused AdamW updates weights without bumping the version counters a
+        # long-lived engine's fused decode cache watches, so a kept engine could sample from stale weights.
+        engine = Engine(self._sampling_model(), self.tokenizer)
+        was_training = self.policy.training
+        self.policy.eval()  # LoRA dropout off while sampling
+        # Sampling in the weights' own dtype: under the trainer's autocast the fused step would re-cast fp32
+        # weights at every token. The log-probs the loss uses come from the training forward.
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                gen = engine.generate_batch([r.ids for r in records], n=s.group_size, seed=seed,
+                                            max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                            top_p=s.top_p, top_k=s.top_k, stop_strings=tuple(s.stop_strings))
+        finally:
+            self.policy.train(was_training)
+        rows = [(records[c.prompt_index], c) for c in gen.completions]
+        total, per_function = self.data.rewards.score(
+            [r.prompt for r, _ in rows], [c.text for _, c in rows], [r.answer for r, _ in rows],
+            [len(c.token_ids) for _, c in rows])
+        return rows, gen, total, per_function
 
     def _sampling_model(self) -> torch.nn.Module:
         """The policy, or a copy of its weights in the sampling dtype (bf16 decodes about twice as fast on a
