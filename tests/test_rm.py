@@ -40,6 +40,26 @@ def test_bradley_terry_loss_is_the_formula():
     assert torch.allclose(bradley_terry_loss(c, r), -torch.nn.functional.logsigmoid(c - r))
 
 
+def test_per_pair_margin_field_reaches_the_loss(tokenizer_dir):
+    from zhllm.data.preference import PreferenceDataset, encode_preference_records
+    from zhllm.tokenizer.load import load_tokenizer
+    from zhllm.train.rm import BradleyTerry
+    rows = planted_pairs(5)
+    for row, m in zip(rows, (2.0, None, 0.5, "big", float("inf"))):
+        if m is not None:
+            row["margin"] = m
+    pairs = encode_preference_records(load_tokenizer(tokenizer_dir), rows)
+    assert [p.margin for p in pairs] == [2.0, None, 0.5]  # "big" and inf are bad records, skipped
+    batch = PreferenceDataset(pairs).collate([0, 1, 2])
+    assert torch.equal(torch.isnan(batch["margin"]), torch.tensor([False, True, False]))
+    scores = torch.tensor([1.0, 0.2, -1.0, 0.0, 0.5, -2.0])  # chosen rows, then rejected rows
+    out = BradleyTerry(margin=0.3).loss(lambda ids, attention_mask: scores, batch)
+    expected = bradley_terry_loss(scores[:3], scores[3:], torch.tensor([2.0, 0.3, 0.5])).sum()
+    assert torch.allclose(out.loss_sum, expected) and not torch.allclose(out.loss_sum, bradley_terry_loss(
+        scores[:3], scores[3:], 0.3).sum())
+    assert "margin" not in PreferenceDataset(pairs[1:2]).collate([0])  # no margins: DPO's batches are unchanged
+
+
 def test_planted_preference_is_learnt_and_transformers_scores_the_same(tmp_path, tiny_model_dir, pairs_file):
     torch.set_num_threads(1)
     out = tmp_path / "run"

@@ -14,7 +14,8 @@ template's; only the final assistant reply (up to and including its end-of-turn 
 prompt fits, and so does `max_len` for the longer side; a pair that cannot fit is skipped ("too long"), as
 is every pair with overflow="skip" that would need truncation. Malformed records and pairs whose chosen and
 rejected replies are equal are skipped and counted with file:line in a `ReadStats` (strict: the first one is
-an error).
+an error). An optional numeric `margin` field (any format; reward models: how much better chosen is) rides along
+on the encoded pair (`Pair.margin`) and in batches as `margin` (NaN where a pair has none).
 """
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ class PreferenceRecord:
     prompt: list[Message]  # system?, then user/assistant turns ending with the user
     chosen: str
     rejected: str
+    margin: float | None = None  # the record's optional `margin` (reward-model training)
+
+
+class Pair(tuple):
+    """An encoded pair, ((chosen ids, labels), (rejected ids, labels)), that also carries its record's margin."""
+    margin: float | None = None
 
 
 def detect_format(data: dict) -> str:
@@ -74,7 +81,15 @@ def parse_record(data: Any, fmt: str = "auto") -> PreferenceRecord:
     # validate the turn order once with the chosen reply in place; both sides share the prompt
     msgs = check_conversation(prompt + [{"role": "assistant", "content": chosen}])
     check_conversation(prompt + [{"role": "assistant", "content": rejected}])
-    return PreferenceRecord(msgs[:-1], chosen, rejected)
+    return PreferenceRecord(msgs[:-1], chosen, rejected, _margin(data.get("margin")))
+
+
+def _margin(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise BadRecord("margin is not a finite number")
+    return float(value)
 
 
 def _reply(value: Any) -> str:
@@ -206,7 +221,9 @@ def encode_preference_records(tokenizer, records: Iterable[Any], fmt: str = "aut
             continue
         stats.pairs += 1
         stats.truncated += dropped > 0
-        out.append((chosen, rejected))
+        pair = Pair((chosen, rejected))
+        pair.margin = rec.margin
+        out.append(pair)
     return out
 
 
@@ -268,4 +285,7 @@ class PreferenceDataset:
         if self.ref_logps is not None:
             ref = self.ref_logps[indices]
             out["ref_logps"] = torch.from_numpy(np.concatenate([ref[:, 0], ref[:, 1]]))
+        margins = [getattr(self.pairs[i], "margin", None) for i in indices]
+        if any(m is not None for m in margins):
+            out["margin"] = torch.tensor([float("nan") if m is None else m for m in margins], dtype=torch.float32)
         return out

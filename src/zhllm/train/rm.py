@@ -3,7 +3,8 @@
 The model is model/reward.py's `RewardModel` (the decoder and a scalar head on each sequence's last token),
 started from a causal LM (an SFT checkpoint: its backbone, a new head) and saved as transformers'
 `*ForSequenceClassification`. The pairs are DPO's (the same formats, rendering, truncation and held-out split);
-the loss is -log sigmoid(r_chosen - r_rejected - margin), plus `center_coef` * (r_chosen + r_rejected)^2
+the loss is -log sigmoid(r_chosen - r_rejected - margin) (margin: the pair's own `margin` field where it has one,
+else `rm.margin`), plus `center_coef` * (r_chosen + r_rejected)^2
 (keeps the scores near zero; TRL's `center_rewards_coefficient`). Held-out pair accuracy is its eval metric.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .sft import resolve_init_from
 
 @dataclass
 class RmSection:
-    margin: float = checked(0.0, ge=0)       # r_chosen must beat r_rejected by this much before the loss is small
+    margin: float = checked(0.0, ge=0)       # r_chosen must beat r_rejected by this much (pairs without a `margin`)
     center_coef: float = checked(0.0, ge=0)  # weight of (r_chosen + r_rejected)^2
 
 
@@ -64,9 +65,9 @@ class RmLossOutput(LossOutput):
     metrics: dict[str, float] = field(default_factory=dict)  # sums over the batch's pairs
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | torch.Tensor = 0.0,
                        center_coef: float = 0.0) -> torch.Tensor:
-    """Per-pair losses: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2."""
+    """Per-pair losses: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2 (margin: a number or per pair)."""
     losses = -F.logsigmoid(chosen - rejected - margin)
     return losses + center_coef * (chosen + rejected) ** 2 if center_coef else losses
 
@@ -86,7 +87,10 @@ class BradleyTerry:
         scores = model(batch["input_ids"], attention_mask=batch["attention_mask"])
         b = scores.shape[0] // 2
         chosen, rejected = scores[:b], scores[b:]
-        losses = bradley_terry_loss(chosen, rejected, self.margin, self.center_coef)
+        margin = self.margin
+        if "margin" in batch:  # the pairs' own margins; NaN marks a pair without one
+            margin = torch.nan_to_num(batch["margin"].to(chosen.dtype), nan=self.margin)
+        losses = bradley_terry_loss(chosen, rejected, margin, self.center_coef)
         c, r = chosen.detach(), rejected.detach()
         metrics = {"rewards/chosen": float(c.sum()), "rewards/rejected": float(r.sum()),
                    "rewards/margins": float((c - r).sum()), "rewards/accuracy": float((c > r).float().sum())}
