@@ -55,6 +55,9 @@ def test_student_kl_to_the_teacher_falls(tmp_path, tiny_model_dir, shards):
     assert len(train) == 24 and len(val) == 3
     assert sum(train[-4:]) / 4 < 0.7 * sum(train[:4]) / 4
     assert val[-1] < val[0]
+    from zhllm.train.metrics import read_metrics
+    last = [r for r in read_metrics(tmp_path / "run") if r.get("kind") == "eval"][-1]
+    assert last["val_ppl"] == pytest.approx(math.exp(last["val_ce"]))  # the data's perplexity, not the mixed loss
     assert not any(p.name.startswith("teacher") for p in (tmp_path / "run" / "checkpoints" / "latest").iterdir())
 
 

@@ -115,5 +115,14 @@ def evaluate_loss(model: torch.nn.Module, objective: LossObjective, data, batch_
         bytes_per_token = getattr(data, "bytes_per_token", None)
     result = loss_metrics(nll, units, bytes_per_token)
     result.update({f"val_{k}": v / max(units, 1e-12) for k, v in extra.items()})  # means per unit
+    # Perplexity and bits per byte describe the data's negative log-likelihood: the loss itself for the LM
+    # objectives, one of an objective's own figures for others (distillation's `ce`), none for preferences.
+    data_nll = getattr(objective, "data_nll", "loss")
+    if data_nll != "loss":
+        del result["val_ppl"]
+        result.pop("val_bpb", None)
+        if data_nll is not None and f"val_{data_nll}" in result:
+            nll_metrics = loss_metrics(result[f"val_{data_nll}"], 1.0, bytes_per_token)
+            result.update({k: v for k, v in nll_metrics.items() if k != "val_loss"})
     result["val_windows"] = eval_batches(len(data), batch_size, batches, world) * batch_size * world
     return result

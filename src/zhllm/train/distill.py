@@ -80,6 +80,7 @@ class Distill:
     """Next-token distillation on packed windows: `weight` is the predicted tokens, as in pretraining."""
 
     name = "distill"
+    data_nll = "ce"  # val_ppl and val_bpb: the data's cross-entropy, not the mixed loss
 
     def __init__(self, teacher: torch.nn.Module, vocab: int, kind: str, temperature: float, alpha: float):
         self.teacher, self.vocab = teacher.eval().requires_grad_(False), vocab

@@ -197,6 +197,7 @@ class DPO:
     batch; unused by the reference-free losses."""
 
     name = "dpo"
+    data_nll = None  # a preference loss has no perplexity
 
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.0,
                  rpo_alpha: float = 0.0, reference: Reference | None = None):

@@ -76,6 +76,7 @@ class BradleyTerry:
     """The reward-model objective: `weight` is the number of pairs; one forward scores chosen and rejected rows."""
 
     name = "rm"
+    data_nll = None  # a Bradley-Terry loss has no perplexity
 
     def __init__(self, margin: float = 0.0, center_coef: float = 0.0):
         self.margin, self.center_coef = margin, center_coef

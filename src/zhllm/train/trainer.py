@@ -325,10 +325,11 @@ class Trainer:
 def _eval_line(step: int, ev: dict) -> str:
     parts = [f"eval step {step}"]
     if "val_loss" in ev:
-        parts.append(f"val_loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}")
+        parts.append(f"val_loss {ev['val_loss']:.4f}" + (f" ppl {ev['val_ppl']:.2f}" if "val_ppl" in ev else ""))
     if "val_bpb" in ev:
         parts.append(f"bpb {ev['val_bpb']:.4f}")
-    parts += [f"{k.removeprefix('val_')} {v:.4f}" for k, v in ev.items() if k.startswith("val_") and "/" in k]
+    parts += [f"{k.removeprefix('val_')} {v:.4f}" for k, v in ev.items()
+              if k.startswith("val_") and ("/" in k or k in ("val_kl", "val_ce"))]
     lines = [" ".join(parts)] + [f"  sample: {s}" for s in ev.get("samples", [])]
     return "\n".join(lines)
 
