@@ -38,6 +38,34 @@ def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
                         "not write is never replaced)")
 
 
+def add_recipe_options(p: argparse.ArgumentParser, what: str, names: str = "tiny, 26m",
+                       example: str = "model.init_from=DIR", dest_prefix: str = "") -> None:
+    """--config RECIPE, --set KEY=VALUE (repeatable), --resume auto|PATH: the options of every training command.
+    dest_prefix: a command group that also trains without its subcommand (`zhllm dpo --config`) keeps them apart."""
+    p.add_argument("--config", dest=f"{dest_prefix}config", required=not dest_prefix, metavar="RECIPE",
+                   help=f"{what} recipe YAML, or a packaged name: {names}")
+    p.add_argument("--set", dest=f"{dest_prefix}set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config value, e.g. --set {example} (repeatable)")
+    p.add_argument("--resume", dest=f"{dest_prefix}resume", metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint of out_dir (auto) or a checkpoint directory")
+
+
+def train_without_subcommand(root, groups, name: str, what: str, subcommands: str, train) -> None:
+    """`zhllm NAME --config ...` runs `train` as `zhllm NAME train --config ...` does: the group takes the
+    recipe options itself and its subcommand becomes optional."""
+    group = root.choices[name]
+    groups[name].required = False
+    add_recipe_options(group, what, dest_prefix="group_")
+
+    def run(args) -> None:
+        if args.group_config is None:
+            raise ZhllmError(f"zhllm {name}: name a subcommand ({subcommands}) or give --config RECIPE; see --help")
+        args.config, args.set, args.resume = args.group_config, args.group_set, args.group_resume
+        train(args)
+
+    group.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="zhllm", description="Train small Chinese language models end to end.")
     root.add_argument("--version", action="version", version=f"zhllm {_version()}")

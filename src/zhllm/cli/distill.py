@@ -1,6 +1,8 @@
 """Parser for `zhllm distill` (knowledge distillation from a teacher's logits); see cli/__init__.py."""
 from __future__ import annotations
 
+from . import add_recipe_options
+
 
 def _distill(args) -> None:
     from ..train.distill import run_distill
@@ -17,8 +19,5 @@ def register(root, groups) -> None:
                     "reverse) plus (1 - alpha) * the data's cross-entropy. The teacher is any HF Llama/Qwen2 "
                     "checkpoint with the shards' tokenizer, run without gradients in bf16 where the hardware has "
                     "it. Same loop, checkpoints, resume and torchrun support as `zhllm pretrain`.")
-    p.add_argument("--config", required=True, help="distillation recipe YAML, or a packaged name: tiny, 26m")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set teacher.path=DIR (repeatable)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint (auto) or PATH")
+    add_recipe_options(p, "distillation", example="teacher.path=DIR")
     p.set_defaults(func=_distill)

@@ -1,8 +1,7 @@
 """Parsers for `zhllm dpo ...` (preference optimisation); see cli/__init__.py."""
 from __future__ import annotations
 
-from ..errors import ZhllmError
-from . import add_overwrite_flag, add_progress_flag
+from . import add_overwrite_flag, add_progress_flag, add_recipe_options, train_without_subcommand
 
 
 def _make_rejected(args) -> None:
@@ -23,29 +22,8 @@ def _train(args) -> None:
     print(f"dpo finished at step {summary['step']}/{summary['max_steps']}; val loss {summary.get('val_loss')}")
 
 
-def _group(args) -> None:
-    """`zhllm dpo --config ...` is `zhllm dpo train --config ...` (the form the issue and recipes' comments use)."""
-    if args.group_config is None:
-        raise ZhllmError("zhllm dpo: name a subcommand (train, make-rejected) or give --config RECIPE; see --help")
-    args.config, args.set, args.resume = args.group_config, args.group_set, args.group_resume
-    _train(args)
-
-
-def _add_train_options(p, dest_prefix: str = "") -> None:
-    p.add_argument("--config", dest=f"{dest_prefix}config", required=not dest_prefix, metavar="RECIPE",
-                   help="DPO recipe YAML, or a packaged name: tiny, 26m")
-    p.add_argument("--set", dest=f"{dest_prefix}set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.init_from=DIR (repeatable)")
-    p.add_argument("--resume", dest=f"{dest_prefix}resume", metavar="auto|PATH",
-                   help="continue from the newest complete checkpoint (auto) or PATH")
-
-
 def register(root, groups) -> None:
-    # `zhllm dpo --config X` trains too: the group takes train's options itself, its subcommand is optional.
-    group = root.choices["dpo"]
-    groups["dpo"].required = False
-    _add_train_options(group, dest_prefix="group_")
-    group.set_defaults(func=_group)
+    train_without_subcommand(root, groups, "dpo", "DPO", "train, make-rejected", _train)
 
     p = groups["dpo"].add_parser(
         "train", help="preference optimisation (DPO, IPO, hinge, robust, SimPO, ORPO) of a chat model",
@@ -54,7 +32,7 @@ def register(root, groups) -> None:
                     "the model in one forward pass. Reference: a frozen copy, the LoRA base with adapters off, or "
                     "log-probs precomputed into the run directory. Same loop, checkpoints, resume and torchrun "
                     "support as `zhllm pretrain` and `zhllm sft`.")
-    _add_train_options(p)
+    add_recipe_options(p, "DPO")
     p.set_defaults(func=_train)
 
     p = groups["dpo"].add_parser(

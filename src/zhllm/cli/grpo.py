@@ -1,6 +1,8 @@
 """Parser for `zhllm grpo` (reinforcement learning with group-relative advantages); see cli/__init__.py."""
 from __future__ import annotations
 
+from . import add_recipe_options
+
 
 def _grpo(args) -> None:
     from ..train.grpo import run_grpo
@@ -17,8 +19,5 @@ def register(root, groups) -> None:
                     "train on group-normalised advantages with a clipped objective and an optional KL to the "
                     "starting model (a frozen copy, or the LoRA base with adapters off). Same loop, checkpoints, "
                     "exact resume and metrics as `zhllm sft` and `zhllm dpo train`.")
-    p.add_argument("--config", required=True, help="GRPO recipe YAML, or a packaged name: tiny, 26m")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.init_from=DIR (repeatable)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint (auto) or PATH")
+    add_recipe_options(p, "GRPO", example="model.init_from=DIR")
     p.set_defaults(func=_grpo)

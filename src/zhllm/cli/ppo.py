@@ -1,6 +1,8 @@
 """Parser for `zhllm ppo` (PPO with a learned value model); see cli/__init__.py."""
 from __future__ import annotations
 
+from . import add_recipe_options
+
 
 def _ppo(args) -> None:
     from ..train.ppo import run_ppo
@@ -18,8 +20,5 @@ def register(root, groups) -> None:
                     "backbone or a reward model, with a scalar head) and train both with clipped policy and value "
                     "losses over ppo_epochs passes. Same loop, checkpoints, exact resume and metrics as `zhllm "
                     "grpo`; the value model is saved under value/ in each checkpoint.")
-    p.add_argument("--config", required=True, help="PPO recipe YAML, or a packaged name: tiny, 26m")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.init_from=DIR (repeatable)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint (auto) or PATH")
+    add_recipe_options(p, "PPO", example="model.init_from=DIR")
     p.set_defaults(func=_ppo)

@@ -1,8 +1,7 @@
 """Parsers for `zhllm rm ...` (reward models); see cli/__init__.py."""
 from __future__ import annotations
 
-from ..errors import ZhllmError
-from . import add_progress_flag
+from . import add_progress_flag, add_recipe_options, train_without_subcommand
 
 
 def _train(args) -> None:
@@ -10,14 +9,6 @@ def _train(args) -> None:
 
     summary = run_rm(args.config, args.set, resume=args.resume)
     print(f"rm finished at step {summary['step']}/{summary['max_steps']}; val loss {summary.get('val_loss')}")
-
-
-def _group(args) -> None:
-    """`zhllm rm --config ...` is `zhllm rm train --config ...`."""
-    if args.group_config is None:
-        raise ZhllmError("zhllm rm: name a subcommand (train, score) or give --config RECIPE; see --help")
-    args.config, args.set, args.resume = args.group_config, args.group_set, args.group_resume
-    _train(args)
 
 
 def _score(args) -> None:
@@ -29,20 +20,8 @@ def _score(args) -> None:
     print(f"wrote {args.out}")
 
 
-def _add_train_options(p, dest_prefix: str = "") -> None:
-    p.add_argument("--config", dest=f"{dest_prefix}config", required=not dest_prefix, metavar="RECIPE",
-                   help="reward-model recipe YAML, or a packaged name: tiny, 26m")
-    p.add_argument("--set", dest=f"{dest_prefix}set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.init_from=DIR (repeatable)")
-    p.add_argument("--resume", dest=f"{dest_prefix}resume", metavar="auto|PATH",
-                   help="continue from the newest complete checkpoint (auto) or PATH")
-
-
 def register(root, groups) -> None:
-    group = root.choices["rm"]
-    groups["rm"].required = False
-    _add_train_options(group, dest_prefix="group_")
-    group.set_defaults(func=_group)
+    train_without_subcommand(root, groups, "rm", "reward-model", "train, score", _train)
 
     p = groups["rm"].add_parser(
         "train", help="train a reward model on preference pairs (Bradley-Terry)",
@@ -50,7 +29,7 @@ def register(root, groups) -> None:
                     "in DPO's formats: -log sigmoid(r_chosen - r_rejected - margin). Starts from an SFT checkpoint, "
                     "saves transformers' *ForSequenceClassification checkpoints, reports held-out pair accuracy. "
                     "Same loop, checkpoints, resume and torchrun support as the other stages.")
-    _add_train_options(p)
+    add_recipe_options(p, "reward-model")
     p.set_defaults(func=_train)
 
     p = groups["rm"].add_parser(

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..data.chat import FORMATS
-from . import add_overwrite_flag, add_progress_flag
+from . import add_overwrite_flag, add_progress_flag, add_recipe_options
 
 
 def _preview(args) -> None:
@@ -32,10 +32,7 @@ def register(root, groups) -> None:
         description="Fine-tune a checkpoint on alpaca / ShareGPT / messages / prompt-response records (detected per "
                     "record), rendered with the tokenizer's chat template; only assistant replies carry loss. Same "
                     "loop, checkpoints, resume and torchrun support as `zhllm pretrain`.")
-    p.add_argument("--config", required=True, help="SFT recipe YAML, or a packaged name: tiny, 26m")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.init_from=DIR (repeatable)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint (auto) or PATH")
+    add_recipe_options(p, "SFT", example="model.init_from=DIR")
     p.set_defaults(func=_sft)
 
     p = groups["data"].add_parser(

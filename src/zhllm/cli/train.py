@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_recipe_options
+
 
 def _pretrain(args: argparse.Namespace) -> int:
     from ..train.pretrain import run_pretrain
@@ -21,12 +23,7 @@ def register(root, groups) -> None:
     p = root.add_parser("pretrain", help="pretrain a causal language model on token shards",
                         description="Pretrain (or continue pretraining) a model on token shards. Launch with "
                                     "torchrun for DDP/FSDP; the same command resumes with --resume auto.")
-    p.add_argument("--config", required=True,
-                   help="recipe YAML, or a packaged recipe name: tiny, 26m, 1.4b")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
-    p.add_argument("--resume", metavar="auto|PATH",
-                   help="continue from the newest complete checkpoint of out_dir (auto) or a checkpoint directory")
+    add_recipe_options(p, "pretraining", names="tiny, 26m, 1.4b", example="train.lr=1e-3")
     p.set_defaults(func=_pretrain)
     p = root.add_parser("plot", help="write PNG plots (loss, lr, throughput) of a run directory",
                         description="Write plots/loss.png, plots/lr.png and plots/throughput.png from metrics.jsonl.")

@@ -121,6 +121,17 @@ class RunConfig(StageConfig):
         return self
 
 
+def check_continues_model(cfg: StageConfig, source: str, stage: str, model: str, data: str) -> None:
+    """A stage that continues a trained model (DPO, reward model, GRPO, PPO): `model` is exactly `init_from: DIR`
+    (`model` says which) and `data.path` names its files (`data` says what they hold)."""
+    init_from = cfg.model.get("init_from")
+    if set(cfg.model) != {"init_from"} or not isinstance(init_from, str) or not init_from.strip():
+        raise ConfigError(f"{source}: the {stage} model section takes exactly `init_from: DIR` ({model}; "
+                          f"got {cfg.model or 'nothing'})")
+    if not cfg.data.path:
+        raise ConfigError(f"{source}: data.path must name {data}")
+
+
 def resolve_recipe(path: str | Path, stage: str = "pretrain") -> Path:
     """A recipe path, or a bare name like `tiny` looked up in the package's configs/<stage>/."""
     p = Path(path)

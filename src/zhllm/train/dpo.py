@@ -17,7 +17,7 @@ import torch
 
 from ..config import checked
 from ..errors import ConfigError, ZhllmError
-from .config import EvalSection, StageConfig, TrainSection, load_stage_config
+from .config import EvalSection, StageConfig, TrainSection, check_continues_model, load_stage_config
 from .dpo_loss import DPO, REFERENCE_FREE, adapter_reference, check_loss_settings
 from .run import Stage, StageRun, run_stage
 from .sft import LoraSection, load_policy, lora_checkpoint_hooks, resolve_init_from
@@ -60,12 +60,7 @@ class DpoConfig(StageConfig):
     lora: LoraSection = field(default_factory=LoraSection)
 
     def validate(self, source: str) -> "DpoConfig":
-        if set(self.model) != {"init_from"} or not isinstance(self.model["init_from"], str) \
-                or not self.model["init_from"].strip():
-            raise ConfigError(f"{source}: the dpo model section takes exactly `init_from: DIR` (the SFT model; "
-                              f"got {self.model or 'nothing'})")
-        if not self.data.path:
-            raise ConfigError(f"{source}: data.path must name preference files")
+        check_continues_model(self, source, "dpo", "the SFT model", "preference files")
         super().validate(source)
         d = self.dpo
         try:

@@ -17,7 +17,7 @@ import torch
 from ..align.rewards import RewardSpec, build_rewards
 from ..config import checked
 from ..errors import ConfigError, ZhllmError
-from .config import EvalSection, StageConfig, TrainSection, load_stage_config
+from .config import EvalSection, StageConfig, TrainSection, check_continues_model, load_stage_config
 from .grpo_loss import check_loss_settings
 from .run import Stage, StageRun, run_stage
 from .sft import LoraSection, load_policy, lora_checkpoint_hooks, resolve_init_from
@@ -67,12 +67,7 @@ class GrpoConfig(StageConfig):
     lora: LoraSection = field(default_factory=LoraSection)
 
     def validate(self, source: str) -> "GrpoConfig":
-        if set(self.model) != {"init_from"} or not isinstance(self.model["init_from"], str) \
-                or not self.model["init_from"].strip():
-            raise ConfigError(f"{source}: the grpo model section takes exactly `init_from: DIR` (the SFT model; "
-                              f"got {self.model or 'nothing'})")
-        if not self.data.path:
-            raise ConfigError(f"{source}: data.path must name prompt files")
+        check_continues_model(self, source, "grpo", "the SFT model", "prompt files")
         if not self.rewards:
             raise ConfigError(f"{source}: `rewards` is empty; add at least one, e.g. [{{type: exact}}]")
         super().validate(source)

@@ -21,7 +21,7 @@ from torch import nn
 from ..align.rewards import RewardSpec
 from ..config import checked
 from ..errors import ConfigError, ZhllmError
-from .config import EvalSection, StageConfig, TrainSection, load_stage_config
+from .config import EvalSection, StageConfig, TrainSection, check_continues_model, load_stage_config
 from .grpo import GrpoDataSection, open_prompts, prepare_grpo
 from .grpo_rollout import GRPO, CopyReference, GrpoOutput, Rollout, Sampling, _reward_metrics, _training_rows
 from .ppo_loss import adapt_kl_coef, gae, ppo_loss, token_rewards, whiten
@@ -73,12 +73,7 @@ class PpoConfig(StageConfig):
     value: ValueSection = field(default_factory=ValueSection)
 
     def validate(self, source: str) -> "PpoConfig":
-        if set(self.model) != {"init_from"} or not isinstance(self.model["init_from"], str) \
-                or not self.model["init_from"].strip():
-            raise ConfigError(f"{source}: the ppo model section takes exactly `init_from: DIR` (the SFT model; "
-                              f"got {self.model or 'nothing'})")
-        if not self.data.path:
-            raise ConfigError(f"{source}: data.path must name prompt files")
+        check_continues_model(self, source, "ppo", "the SFT model", "prompt files")
         if not self.rewards:
             raise ConfigError(f"{source}: `rewards` is empty; add at least one, e.g. [{{type: exact}}]")
         if self.eval.every:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..config import checked
 from ..errors import ConfigError
 from ..eval.loss import LossOutput
-from .config import EvalSection, StageConfig, TrainSection, load_stage_config
+from .config import EvalSection, StageConfig, TrainSection, check_continues_model, load_stage_config
 from .dpo import DpoDataSection, open_preference_data
 from .run import Stage, StageRun, run_stage
 from .sft import resolve_init_from
@@ -42,12 +42,7 @@ class RmConfig(StageConfig):
     rm: RmSection = field(default_factory=RmSection)
 
     def validate(self, source: str) -> "RmConfig":
-        if set(self.model) != {"init_from"} or not isinstance(self.model["init_from"], str) \
-                or not self.model["init_from"].strip():
-            raise ConfigError(f"{source}: the rm model section takes exactly `init_from: DIR` (an SFT model or a "
-                              f"reward model; got {self.model or 'nothing'})")
-        if not self.data.path:
-            raise ConfigError(f"{source}: data.path must name preference files")
+        check_continues_model(self, source, "rm", "an SFT model or a reward model", "preference files")
         if self.eval.prompts:
             raise ConfigError(f"{source}: eval.prompts samples text; a reward model has no vocabulary head")
         super().validate(source)
