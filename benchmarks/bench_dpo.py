@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from bench_support import SHARED, random_model_dir
+
 VARIANTS = {  # name -> (implementation, reference, lora)
     "zhllm full, copy": ("zhllm", "copy", False), "zhllm full, precomputed": ("zhllm", "precomputed", False),
     "zhllm LoRA, copy": ("zhllm", "copy", True), "zhllm LoRA, adapter": ("zhllm", "adapter", True),
@@ -36,17 +37,6 @@ def _records(path: Path, n: int) -> list[dict]:
     return [r for r in rows if not r.get("history")
             and len(r["prompt"]) < 200 and len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) < 500][:n]
 
-
-def _model_dir(preset: str, tmp: Path) -> Path:
-    from zhllm.model.config import model_config_from
-    from zhllm.model.io import new_model, save_model
-    from zhllm.tokenizer.load import load_tokenizer
-    out = tmp / f"model-{preset}"
-    if not (out / "model.safetensors").is_file():
-        tok_dir = SHARED / "tokenizers" / "minimind"
-        save_model(new_model(model_config_from(preset, {"vocab_size": len(load_tokenizer(tok_dir))}), seed=0), out,
-                   tokenizer=tok_dir)
-    return out
 
 
 def run_zhllm(reference: str, lora: bool, model_dir: Path, data: Path, steps: int, warmup: int, pairs: int,
@@ -148,7 +138,7 @@ def main() -> int:
     if args.variant:
         impl, reference, lora = VARIANTS[args.variant]
         fn = run_zhllm if impl == "zhllm" else run_trl
-        print(json.dumps(fn(reference, lora, _model_dir(args.preset, tmp), data, args.steps, args.warmup, args.pairs,
+        print(json.dumps(fn(reference, lora, random_model_dir(args.preset, tmp), data, args.steps, args.warmup, args.pairs,
                             args.seq, tmp)))
         return 0
     source = SHARED / "dpo" / "dpo_zh.jsonl"
@@ -158,7 +148,7 @@ def main() -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(source, PAIRS_USED)),
                     encoding="utf-8")
-    _model_dir(args.preset, tmp)
+    random_model_dir(args.preset, tmp)
     results = {}
     for name in (n for n in VARIANTS if not args.only or n.startswith(args.only)):
         cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--warmup", str(args.warmup),

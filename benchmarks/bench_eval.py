@@ -23,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_support import SHARED
+
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def build_model(out: Path) -> Path:

@@ -20,20 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from bench_support import SHARED, random_model_dir
+
 SIDES = ("zhllm", "zhllm, bf16 weights", "zhllm, bf16 weights, compiled", "TRL")
 
-
-def _model_dir(preset: str, tmp: Path) -> Path:
-    from zhllm.model.config import model_config_from
-    from zhllm.model.io import new_model, save_model
-    from zhllm.tokenizer.load import load_tokenizer
-    out = tmp / f"model-{preset}"
-    if not (out / "model.safetensors").is_file():
-        tok_dir = SHARED / "tokenizers" / "minimind"
-        save_model(new_model(model_config_from(preset, {"vocab_size": len(load_tokenizer(tok_dir))}), seed=0), out,
-                   tokenizer=tok_dir)
-    return out
 
 
 def run_zhllm(model_dir: Path, prompts: Path, a, bf16_weights: bool = False, compile: bool = False) -> dict:
@@ -147,7 +137,7 @@ def main() -> int:
     tmp = Path(a.tmp)
     prompts = tmp / "prompts.jsonl"
     if a.side:
-        model_dir = _model_dir(a.preset, tmp)
+        model_dir = random_model_dir(a.preset, tmp)
         result = run_trl(model_dir, prompts, a) if a.side == "TRL" else \
             run_zhllm(model_dir, prompts, a, bf16_weights=a.side != "zhllm", compile=a.side.endswith("compiled"))
         print(json.dumps(result))
@@ -158,7 +148,7 @@ def main() -> int:
     from zhllm.demo import write_demo_rl_prompts
     tmp.mkdir(parents=True, exist_ok=True)
     write_demo_rl_prompts(prompts, 256, seed=0)
-    _model_dir(a.preset, tmp)
+    random_model_dir(a.preset, tmp)
     results = {}
     for side in SIDES:
         cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--warmup", str(a.warmup),

@@ -15,9 +15,9 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from bench_support import SHARED
+
 VARIANTS = {"full, packed": (True, False), "full, padded (length-grouped)": (False, False),
             "LoRA r=16, packed": (True, True), "LoRA r=16, padded (length-grouped)": (False, True)}
 

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from bench_support import SHARED
+
 
 
 def prose_files() -> list[Path]:

@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from bench_support import SHARED
+
 PROSE = ["web_wiki_news_zh.jsonl", "app_desc_abstracts_zh.jsonl", "reviews_zh.jsonl", "weibo_zh.jsonl"]
 REAL_TOKENIZERS = ["minimind", "qwen1.5-moe-a2.7b-chat", "chatglm2-6b"]
 TRAINERS = {"zhllm bpe (tokenizers)": "bpe", "sentencepiece bpe": "sentencepiece"}
