@@ -3,8 +3,9 @@
 Same shapes (default: the 26m preset, seq 512, micro-batch 4), runs alternating so machine noise hits
 both alike. zhllm runs its 26m recipe (precision auto: bf16 weights with fp32 master copies where this CPU
 multiplies bf16 at least as fast as fp32, else fp32; torch.compile per layer), and the same recipe forced to
-bf16 where auto chose fp32; transformers runs bf16 autocast over fp32 weights, in a process of its own, as
-it would alone. The zhllm trainer tunes this process's malloc (train/cpu_memory.py), so a second
+bf16 where auto chose fp32; transformers runs bf16 autocast over fp32 weights and plain fp32, each eager and
+with compiled layers, every setting in a process of its own as it would run alone, and the fastest of them is
+the reference the ratios use. The zhllm trainer tunes this process's malloc (train/cpu_memory.py), so a second
 transformers process runs under that same setting, to show what the tuning alone is worth. Prints a
 markdown table with tokens/s, MFU against the matmul peak measured here for the precision each row computes
 in (bf16 and fp32 peaks both printed), and the data-loading share of the zhllm step.
@@ -36,6 +37,12 @@ from zhllm.train.trainer import Trainer
 RECIPE = "zhllm, 26m recipe (precision auto, compiled layers)"
 RECIPE_BF16 = "zhllm, 26m recipe forced to bf16 (bf16 weights + fp32 masters, compiled layers)"
 HF = "transformers LlamaForCausalLM + AdamW (bf16 autocast)"
+HF_VARIANTS = {  # name -> (precision, compiled layers): the reference is whichever of these is fastest here
+    HF: ("bf16", False),
+    "transformers LlamaForCausalLM + AdamW (fp32)": ("fp32", False),
+    "transformers LlamaForCausalLM + AdamW (bf16 autocast, compiled layers)": ("bf16", True),
+    "transformers LlamaForCausalLM + AdamW (fp32, compiled layers)": ("fp32", True),
+}
 HF_KEEP = "transformers, with zhllm's malloc setting (freed memory kept)"
 
 
@@ -80,14 +87,19 @@ def time_zhllm(tr: Trainer, steps: int) -> tuple[float, float]:
 
 
 class HFBaseline:
-    """transformers' Llama with the same config, SDPA attention, bf16 autocast, torch.optim.AdamW."""
+    """transformers' Llama with the same config, SDPA attention, torch.optim.AdamW; bf16 autocast over fp32
+    weights or plain fp32, each decoder layer compiled or eager."""
 
-    def __init__(self, preset: str, seq: int, batch: int, vocab: int):
+    def __init__(self, preset: str, seq: int, batch: int, vocab: int, precision: str = "bf16", compile: bool = False):
         from transformers import LlamaConfig, LlamaForCausalLM
         cfg = model_config_from(preset, {"vocab_size": vocab})
         hf = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
         torch.manual_seed(0)
         self.model = LlamaForCausalLM._from_config(hf, attn_implementation="sdpa").train()
+        if compile:
+            for layer in self.model.model.layers:
+                layer.compile()
+        self.autocast = precision == "bf16"
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1)
         self.gen = torch.Generator().manual_seed(0)
         self.seq, self.batch, self.vocab = seq, batch, vocab
@@ -95,7 +107,7 @@ class HFBaseline:
     def step(self) -> float:
         t = time.perf_counter()
         ids = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=self.gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -104,14 +116,15 @@ class HFBaseline:
         return time.perf_counter() - t
 
 
-def hf_worker(conn, preset: str, seq: int, batch: int, vocab: int, keep_memory: bool) -> None:
+def hf_worker(conn, preset: str, seq: int, batch: int, vocab: int, keep_memory: bool, precision: str = "bf16",
+              compile: bool = False) -> None:
     """Child process: build the baseline, then for each request of n steps send back (s/step, CPU s/step)."""
     if keep_memory:
         from zhllm.train.cpu_memory import keep_freed_memory
         keep_freed_memory()
-    hf = HFBaseline(preset, seq, batch, vocab)
+    hf = HFBaseline(preset, seq, batch, vocab, precision, compile)
     hf.step()
-    hf.step()  # warm up: the first calls pick oneDNN kernels
+    hf.step()  # warm up: the first calls pick oneDNN kernels (and compile)
     conn.send("ready")
     while (steps := conn.recv()) is not None:
         c0 = time.process_time()
@@ -166,9 +179,11 @@ def main() -> None:
             runs["zhllm loop, fp32"] = run("d", precision="fp32")
             runs["zhllm loop, fp32, compiled layers"] = run("e", precision="fp32", compile=True)
         computes_in = {name: tr.cfg.train.precision for name, tr in runs.items()}
-        baselines = {HF: HFProcess(args.preset, args.seq, args.batch, cfg.vocab_size, False),
-                     HF_KEEP: HFProcess(args.preset, args.seq, args.batch, cfg.vocab_size, True)}
-        computes_in.update({name: "bf16" for name in baselines})
+        baselines = {name: HFProcess(args.preset, args.seq, args.batch, cfg.vocab_size, False, precision, compiled)
+                     for name, (precision, compiled) in HF_VARIANTS.items()}
+        baselines[HF_KEEP] = HFProcess(args.preset, args.seq, args.batch, cfg.vocab_size, True)
+        computes_in.update({name: precision for name, (precision, _) in HF_VARIANTS.items()})
+        computes_in[HF_KEEP] = "bf16"
         times = {name: [] for name in [*runs, *baselines]}
         cpu = {name: [] for name in times}
         shares = []
@@ -188,9 +203,10 @@ def main() -> None:
                 cpu[name].append(cpu_s)
         for hf in baselines.values():
             hf.close()
-    hf_times = times[HF]
+    reference = min(HF_VARIANTS, key=lambda name: statistics.median(times[name]))  # the fastest transformers
+    hf_times = times[reference]
     base = statistics.median(hf_times)
-    base_cpu = statistics.median(cpu[HF])
+    base_cpu = statistics.median(cpu[reference])
     threads = torch.get_num_threads()
     print(f"\n{args.preset} preset, seq {args.seq}, micro-batch {args.batch}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; matmul peak measured: bf16 {peaks['bf16'] / 1e9:.0f}, "
@@ -200,8 +216,9 @@ def main() -> None:
           "process CPU seconds by the thread count, an estimate of the step time on an idle machine.\n")
     print("MFU is against the peak of the precision a row computes in. 'Paired' is the median, and range, of the\n"
           "ratios within each round, where both sides ran a minute apart.\n")
-    print("| run | s/step (wall) | tokens/s (wall) | MFU (wall) | vs transformers (wall) | paired (wall) "
-          "| s/step (CPU/threads) | tokens/s (CPU) | MFU (CPU) | vs transformers (CPU) |")
+    print(f"Reference (1.00x): the fastest transformers setting here, {reference}.\n")
+    print("| run | s/step (wall) | tokens/s (wall) | MFU (wall) | vs reference (wall) | paired (wall) "
+          "| s/step (CPU/threads) | tokens/s (CPU) | MFU (CPU) | vs reference (CPU) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, ts in times.items():
         s, c = statistics.median(ts), statistics.median(cpu[name]) / threads
