@@ -9,7 +9,8 @@ by `infer/linear.py` in the fastest layout for the device and dtype (oneDNN-prep
 int8 when asked), live in the engine's `FusedDecoderCache` (never on the model), are rebuilt when the model's
 weights change (a trainer evaluating between steps) and are never saved: the checkpoint keeps HF parameter names.
 The copies are read from plain `nn.Linear` weights, so only a plain `Transformer` qualifies (`can_fuse`): under
-LoRA the weights would be the base's, under FSDP shards.
+LoRA the weights would be the base's, under FSDP shards. A mixture-of-experts layer keeps its own module (router,
+grouped experts, shared expert) after the fused attention: which weights a token reads depends on its route.
 
 Prefill (the prompt) goes through `Transformer.hidden_states`, which writes the same `KVCache`; this step
 then continues from `cache.length`. In fp32 the step equals `Transformer.forward` with a cache to rounding
@@ -22,15 +23,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..model.moe import MoE, Experts
 from ..model.transformer import KVCache, Transformer
 from .linear import LinearFn, decode_linear
+
 
 @dataclass
 class FusedLayer:
     qkv: LinearFn  # input RMSNorm weight folded in
     o: LinearFn
-    gate_up: LinearFn  # post-attention RMSNorm weight folded in
-    down: LinearFn
+    gate_up: LinearFn | None  # post-attention RMSNorm weight folded in (dense layers)
+    down: LinearFn | None
+    moe: MoE | None = None  # a mixture-of-experts layer: the module itself, after ...
+    moe_norm: torch.Tensor | None = None  # ... the post-attention RMSNorm with this weight
 
 
 def _cat(*tensors):
@@ -70,6 +75,8 @@ class FusedDecoder:
         """The compiled batch-1 int8 step (infer/native.py) where it applies: int8 without biases, bf16."""
         if quantize != "int8" or self.embed.dtype != torch.bfloat16 or self.head_dim > 256:
             return None
+        if any(layer.moe is not None for layer in self.layers):
+            return None
         mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
         if any(m.bias is not None for m in mats):
             return None
@@ -83,10 +90,13 @@ class FusedDecoder:
     def _fuse(layer, linear) -> FusedLayer:
         a, m = layer.self_attn, layer.mlp
         bias = lambda lin: None if lin.bias is None else lin.bias.detach()  # noqa: E731
+        qkv = linear(_folded(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                     _cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias))
+        o = linear(a.o_proj.weight.detach(), bias(a.o_proj))
+        if isinstance(m, MoE):
+            return FusedLayer(qkv, o, None, None, moe=m, moe_norm=layer.post_attention_layernorm.weight.detach())
         return FusedLayer(
-            qkv=linear(_folded(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                       _cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)),
-            o=linear(a.o_proj.weight.detach(), bias(a.o_proj)),
+            qkv, o,
             gate_up=linear(_folded(layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight),
                            _cat(m.gate_proj.bias, m.up_proj.bias)),
             down=linear(m.down_proj.weight.detach(), bias(m.down_proj)),
@@ -160,6 +170,9 @@ class FusedDecoder:
             q = qk[:, :H].reshape(B, KV, H // KV, D)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask)
             x = x + w.o(out.reshape(B, H * D))
+            if w.moe is not None:
+                x = x + w.moe(w.moe_norm * F.rms_norm(x.float(), shape, None, eps).to(x.dtype))
+                continue
             gate, up = w.gate_up(F.rms_norm(x, shape, None, eps)).chunk(2, dim=-1)
             x = x + w.down(F.silu(gate) * up)
         return self.lm_head(F.rms_norm(x, shape, None, eps))
@@ -183,10 +196,17 @@ def can_fuse(model: torch.nn.Module) -> bool:
     ordinary tensors (not DTensor shards)."""
     if type(model) is not Transformer:
         return False
-    linears = [model.lm_head] + [m for layer in model.model.layers
-                                 for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                                           layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
-                                           layer.mlp.down_proj)]
+    linears = [model.lm_head]
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
+        if isinstance(m, MoE):
+            if type(m.experts) is not Experts:
+                return False
+            linears += [m.gate, m.shared_expert_gate, m.shared_expert.gate_proj, m.shared_expert.up_proj,
+                        m.shared_expert.down_proj]
+        else:
+            linears += [m.gate_proj, m.up_proj, m.down_proj]
     if any(type(m) is not torch.nn.Linear for m in linears) or type(model.model.embed_tokens) is not torch.nn.Embedding:
         return False
     return all(type(p) is torch.nn.Parameter and type(p.data) is torch.Tensor for p in model.parameters())

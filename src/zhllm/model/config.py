@@ -1,7 +1,7 @@
 """ModelConfig: the model's shape, and its two-way mapping to a Hugging Face `config.json`.
 
-zhllm writes `config.json` exactly as `transformers` would for `LlamaForCausalLM` / `Qwen2ForCausalLM`, so a
-checkpoint directory needs no conversion; and it reads any such file, whichever transformers version wrote it
+zhllm writes `config.json` exactly as `transformers` would for `LlamaForCausalLM` / `Qwen2ForCausalLM` (and
+`Qwen2MoeForCausalLM` for a mixture-of-experts model), so a checkpoint directory needs no conversion; and it reads any such file, whichever transformers version wrote it
 (`rope_scaling` + `rope_theta` in 4.x, `rope_parameters` in 5.x).
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..config import PACKAGE_CONFIGS, from_dict, read_yaml
+from ..config import PACKAGE_CONFIGS, checked, from_dict, read_yaml
 from ..errors import ConfigError, ZhllmError
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 @dataclass
@@ -32,8 +32,29 @@ class RopeScaling:
 
 
 @dataclass
+class MoEConfig:
+    """The mixture-of-experts feed-forward (arch qwen2_moe): `top_k` of `n_experts` routed SwiGLU experts per
+    token plus a shared expert every token passes through, scaled by a sigmoid gate (transformers' Qwen2-MoE)."""
+    n_experts: int = checked(8, ge=1)
+    top_k: int = checked(2, ge=1)
+    expert_ffn_dim: int = checked(256, ge=1)          # each routed expert's hidden size (moe_intermediate_size)
+    n_shared_experts: int = checked(1, ge=1)          # the shared expert is this many experts wide ...
+    shared_expert_ffn_dim: Optional[int] = checked(None, ge=1)  # ... unless its hidden size is given outright
+    norm_topk_prob: bool = True                       # renormalise the top-k router probabilities to sum to 1
+    router_aux_loss_coef: float = checked(0.01, ge=0)  # Switch-Transformer load balancing, as transformers computes it
+    router_z_loss_coef: float = checked(0.001, ge=0)   # ST-MoE: mean squared log-sum-exp of the router logits
+    dense_layers: list[int] = dataclasses.field(default_factory=list)  # layers with a dense MLP (mlp_only_layers)
+
+    def __post_init__(self):
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"model.moe.top_k={self.top_k} is more than model.moe.n_experts={self.n_experts}")
+        if self.shared_expert_ffn_dim is None:
+            self.shared_expert_ffn_dim = self.n_shared_experts * self.expert_ffn_dim
+
+
+@dataclass
 class ModelConfig:
-    arch: Literal["llama", "qwen2"] = "llama"
+    arch: Literal["llama", "qwen2", "qwen2_moe"] = "llama"
     vocab_size: int = 6400
     dim: int = 512
     n_layers: int = 8
@@ -52,26 +73,42 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
+    moe: Optional[MoEConfig] = None  # arch qwen2_moe only
 
     def __post_init__(self):
         if self.attention_bias is None:
-            self.attention_bias = self.arch == "qwen2"
+            self.attention_bias = self.arch in ("qwen2", "qwen2_moe")
+        if (self.moe is not None) != (self.arch == "qwen2_moe"):
+            raise ConfigError("model.moe goes with arch: qwen2_moe (and arch qwen2_moe needs a model.moe section)")
+        if self.moe is not None and any(not 0 <= i < self.n_layers for i in self.moe.dense_layers):
+            raise ConfigError(f"model.moe.dense_layers must be layer numbers below model.n_layers={self.n_layers}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
-        if self.arch == "qwen2" and self.mlp_bias:
-            raise ConfigError("model.mlp_bias is not supported by the qwen2 architecture (use arch: llama)")
+        if self.arch != "llama" and self.mlp_bias:
+            raise ConfigError(f"model.mlp_bias is not supported by the {self.arch} architecture (use arch: llama)")
 
-    def num_params(self, include_embeddings: bool = True) -> int:
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer not in self.moe.dense_layers
+
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count; `active`: only those one token uses (top_k routed experts, not all of them)."""
         hd, kv = self.head_dim, self.n_kv_heads * self.head_dim
         attn = self.dim * self.n_heads * hd * 2 + self.dim * kv * 2
         if self.attention_bias:
             attn += self.n_heads * hd + 2 * kv
-        mlp = 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim if self.mlp_bias else 0)
-        body = self.n_layers * (attn + mlp + 2 * self.dim) + self.dim
+        dense = 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim if self.mlp_bias else 0)
+        body = self.dim
+        for layer in range(self.n_layers):
+            mlp = dense
+            if self.is_moe_layer(layer):
+                m = self.moe
+                experts = m.top_k if active else m.n_experts
+                mlp = 3 * self.dim * (experts * m.expert_ffn_dim + m.shared_expert_ffn_dim) + self.dim * (m.n_experts + 1)
+            body += attn + mlp + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return body + (emb if include_embeddings else 0)
 
@@ -119,6 +156,14 @@ class ModelConfig:
         }
         if self.arch == "llama":
             d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
+        elif self.arch == "qwen2_moe":
+            m = self.moe
+            d.update(qkv_bias=bool(self.attention_bias), use_sliding_window=False, sliding_window=None,
+                     max_window_layers=self.n_layers, layer_types=["full_attention"] * self.n_layers,
+                     num_experts=m.n_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_ffn_dim,
+                     shared_expert_intermediate_size=m.shared_expert_ffn_dim, norm_topk_prob=m.norm_topk_prob,
+                     router_aux_loss_coef=m.router_aux_loss_coef, router_z_loss_coef=m.router_z_loss_coef,
+                     decoder_sparse_step=1, mlp_only_layers=list(m.dense_layers), output_router_logits=False)
         else:
             if not self.attention_bias:
                 raise ConfigError("the qwen2 architecture always has q/k/v bias; use arch: llama for none")
@@ -133,8 +178,20 @@ class ModelConfig:
             archs = d.get("architectures") or [model_type]
             raise ZhllmError(f"{source}: unsupported architecture {archs[0]!r} (model_type {model_type!r}); "
                              f"zhllm supports {', '.join(ARCHITECTURES.values())}")
-        if model_type == "qwen2" and d.get("use_sliding_window"):
+        if model_type in ("qwen2", "qwen2_moe") and d.get("use_sliding_window"):
             raise ZhllmError(f"{source}: Qwen2 sliding-window attention is not supported")
+        moe = None
+        if model_type == "qwen2_moe":
+            n_layers, step = d["num_hidden_layers"], d.get("decoder_sparse_step", 1)
+            dense = sorted(set(d.get("mlp_only_layers") or []) | {i for i in range(n_layers) if (i + 1) % step})
+            shared = d.get("shared_expert_intermediate_size") or 0
+            if not shared:
+                raise ZhllmError(f"{source}: a Qwen2-MoE model without a shared expert is not supported")
+            moe = MoEConfig(n_experts=d["num_experts"], top_k=d["num_experts_per_tok"],
+                            expert_ffn_dim=d["moe_intermediate_size"], shared_expert_ffn_dim=shared,
+                            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                            router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),
+                            router_z_loss_coef=d.get("router_z_loss_coef", 0.0), dense_layers=dense)
         if d.get("hidden_act", "silu") != "silu":
             raise ZhllmError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
         rope = d.get("rope_parameters") or {}
@@ -166,12 +223,14 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             norm_eps=d.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=True if model_type == "qwen2" else bool(d.get("attention_bias", False)),
+            attention_bias={"qwen2": True, "qwen2_moe": bool(d.get("qkv_bias", True))}.get(
+                model_type, bool(d.get("attention_bias", False))),
             mlp_bias=bool(d.get("mlp_bias", False)),
             init_std=d.get("initializer_range", 0.02),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) and eos else eos,
             pad_token_id=d.get("pad_token_id"),
+            moe=moe,
         )
 
 

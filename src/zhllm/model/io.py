@@ -1,6 +1,6 @@
 """HF-native checkpoint directories: config.json + model.safetensors + generation_config.json + tokenizer.
 
-A directory saved here loads with `AutoModelForCausalLM.from_pretrained`, and any HF Llama/Qwen2 directory
+A directory saved here loads with `AutoModelForCausalLM.from_pretrained`, and any HF Llama/Qwen2/Qwen2-MoE directory
 (single or sharded safetensors, or a legacy `pytorch_model.bin`) loads here. Directories are written under a
 temporary name and renamed when complete, so a crash never leaves a half-written checkpoint behind.
 """
@@ -18,6 +18,7 @@ from ..pointers import resolve_model_dir
 from ..tokenizer.load import TOKENIZER_FILES
 from ..tokenizer.special import IM_END
 from .config import ModelConfig
+from .moe import split_expert_weights, stack_expert_weights
 from .transformer import Transformer, rope_frequencies
 
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
@@ -53,6 +54,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors by name, MoE experts stacked as the model holds them (moe.py)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -63,7 +65,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, RuntimeError, EOFError) as e:
             raise ZhllmError(f"{f}: cannot read weights ({str(e).splitlines()[0]}); the file is corrupted or incomplete") from None
         state.update(part)
-    return state
+    try:
+        return stack_expert_weights(state)
+    except ValueError as e:
+        raise ZhllmError(f"{path}: {e}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -126,6 +131,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra_fi
              for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # safetensors stores no aliases; transformers re-ties on load
+    state = split_expert_weights(state)
     hf = {**cfg.to_hf_dict(), **getattr(model, "hf_config_extra", {})}  # e.g. a reward model's head
     hf["torch_dtype"] = str(state["model.embed_tokens.weight"].dtype).replace("torch.", "")
     with atomic_directory(out_dir, marker=command) as tmp:

@@ -1,4 +1,4 @@
-"""The decoder: RMSNorm, RoPE, grouped-query attention (SDPA), SwiGLU, KV cache.
+"""The decoder: RMSNorm, RoPE, grouped-query attention (SDPA), SwiGLU or mixture-of-experts (moe.py), KV cache.
 
 Module and parameter names are those of `transformers`' LlamaForCausalLM / Qwen2ForCausalLM, so the
 state dict *is* an HF checkpoint and PEFT targets (`q_proj`, ..., `down_proj`) mean the same thing here and
@@ -15,6 +15,7 @@ from torch import nn
 
 from .causal_attention import causal_attention
 from .config import ModelConfig
+from .moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +142,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -174,7 +175,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> "Transformer":
         """Normal(0, init_std) weights; the two residual projections per layer are scaled by
-        1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth (GPT-2)."""
+        1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth (GPT-2). MoE: the router
+        and the stacked experts likewise (an expert's down projection is a residual projection)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layers)
@@ -184,7 +186,7 @@ class Transformer(nn.Module):
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) else std
                 p.copy_(torch.randn(p.shape, generator=gen) * s)
         return self
 

@@ -18,9 +18,9 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, 
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters (lm_head included, embedding lookup not) plus the
-    attention scores and values, 12 x layers x heads x head_dim x seq_len (PaLM appendix B)."""
-    matmul_params = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.dim
+    """Training FLOPs per token: 6 x matmul parameters a token uses (lm_head included; the embedding lookup and
+    the experts a token is not routed to not) plus the attention scores and values, 12 x layers x heads x head_dim x seq_len (PaLM appendix B)."""
+    matmul_params = cfg.num_params(include_embeddings=False, active=True) + cfg.vocab_size * cfg.dim
     return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
@@ -171,7 +171,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def plot_run(run_dir: str | Path) -> list[Path]:
     """plots/loss.png (train and val), plots/lr.png, plots/throughput.png from metrics.jsonl; for a preference
     run also plots/rewards.png (chosen, rejected, margin) and plots/accuracy.png (preference accuracy); for an
-    RL run plots/reward.png (total and per reward function) and plots/kl.png."""
+    RL run plots/reward.png (total and per reward function) and plots/kl.png; for a mixture-of-experts run
+    plots/expert_load.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -197,6 +198,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         if any("kl" in r for r in train):
             panels.append(("kl", [("kl", train, "kl")], "KL to the reference (k3, per token)"))
     written = []
+    if train and any(k.startswith("expert_load/") for k in train[-1]):
+        written.append(_plot_expert_load(train, out_dir / "expert_load.png", plt))
     for name, series, ylabel in panels:
         fig, ax = plt.subplots(figsize=(7, 4))
         for label, rows, key in series:
@@ -214,3 +217,32 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _plot_expert_load(train: list[dict], path: Path, plt) -> Path:
+    """A mixture-of-experts run: the last logged share of tokens per expert in each layer (a heat map), and each
+    layer's busiest expert over training as a multiple of the balanced share 1/E."""
+    keys = [k.split("/")[1:] for k in train[-1] if k.startswith("expert_load/")]
+    layers = sorted({int(a[1:]) for a, _ in keys})
+    experts = sorted({int(b[1:]) for _, b in keys})
+    share = lambda r, lay, e: r.get(f"expert_load/L{lay}/E{e}", 0.0)  # noqa: E731
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    grid = [[share(train[-1], lay, e) for e in experts] for lay in layers]
+    im = left.imshow(grid, aspect="auto", cmap="viridis")
+    left.set_xlabel("expert")
+    left.set_ylabel("MoE layer")
+    left.set_title(f"share of tokens per expert, step {train[-1]['step']}")
+    fig.colorbar(im, ax=left)
+    for lay in layers:
+        pts = [(r["step"], max(share(r, lay, e) for e in experts) * len(experts)) for r in train
+               if f"expert_load/L{lay}/E0" in r]
+        right.plot(*zip(*pts), label=f"layer {lay}")
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_xlabel("step")
+    right.set_ylabel("busiest expert / balanced share")
+    right.grid(alpha=0.3)
+    right.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

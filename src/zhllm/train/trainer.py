@@ -22,6 +22,7 @@ from ..device import to_device
 from ..errors import ZhllmError
 from ..eval.loss import evaluate_loss
 from ..model.io import model_from_state_dict
+from ..model.moe import record_router_logits, router_loss_terms
 from . import parallel as par
 from .config import StageConfig
 from .cpu_memory import keep_freed_memory
@@ -137,12 +138,18 @@ class Trainer:
         loss_total = torch.zeros((), device=self.d.device, dtype=torch.float32)
         extra: dict[str, float] = {}  # an objective's own figures (LossOutput.metrics), sums over its units
         for m, batch in enumerate(batches):
-            with par.no_sync(self.wrapped, m == len(batches) - 1), self.autocast:
+            with par.no_sync(self.wrapped, m == len(batches) - 1), self.autocast, record_router_logits() as routed:
                 out = self.objective.loss(self.wrapped, batch)
-            loss = out.loss_sum * scale
+            loss = out.loss_sum
+            figures = dict(getattr(out, "metrics", {}))
+            if routed:  # a mixture-of-experts model: its router losses, weighted like the objective's units
+                term, moe_figures = router_loss_terms(routed)
+                loss = loss + term * out.weight
+                figures.update({k: v * out.weight for k, v in moe_figures.items()})
+            loss = loss * scale
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += out.loss_sum.detach().float()
-            for k, v in getattr(out, "metrics", {}).items():
+            for k, v in figures.items():
                 extra[k] = extra.get(k, 0.0) + v
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
