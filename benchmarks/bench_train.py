@@ -87,15 +87,22 @@ def time_zhllm(tr: Trainer, steps: int) -> tuple[float, float]:
 
 
 class HFBaseline:
-    """transformers' Llama with the same config, SDPA attention, torch.optim.AdamW; bf16 autocast over fp32
-    weights or plain fp32, each decoder layer compiled or eager."""
+    """transformers' Llama (or, for a mixture-of-experts preset, Qwen2-MoE with its load-balancing loss and the
+    `experts` implementation named) with the same config, SDPA attention, torch.optim.AdamW; bf16 autocast over
+    fp32 weights or plain fp32, each decoder layer compiled or eager."""
 
-    def __init__(self, preset: str, seq: int, batch: int, vocab: int, precision: str = "bf16", compile: bool = False):
-        from transformers import LlamaConfig, LlamaForCausalLM
+    def __init__(self, preset: str, seq: int, batch: int, vocab: int, precision: str = "bf16", compile: bool = False,
+                 experts: str | None = None):
+        from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
         cfg = model_config_from(preset, {"vocab_size": vocab})
-        hf = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
+        fields = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}
         torch.manual_seed(0)
-        self.model = LlamaForCausalLM._from_config(hf, attn_implementation="sdpa").train()
+        if cfg.moe is not None:
+            hf = Qwen2MoeConfig(**{**fields, "output_router_logits": True})
+            self.model = Qwen2MoeForCausalLM._from_config(hf, attn_implementation="sdpa",
+                                                          experts_implementation=experts).train()
+        else:
+            self.model = LlamaForCausalLM._from_config(LlamaConfig(**fields), attn_implementation="sdpa").train()
         if compile:
             for layer in self.model.model.layers:
                 layer.compile()
@@ -117,12 +124,12 @@ class HFBaseline:
 
 
 def hf_worker(conn, preset: str, seq: int, batch: int, vocab: int, keep_memory: bool, precision: str = "bf16",
-              compile: bool = False) -> None:
+              compile: bool = False, experts: str | None = None) -> None:
     """Child process: build the baseline, then for each request of n steps send back (s/step, CPU s/step)."""
     if keep_memory:
         from zhllm.train.cpu_memory import keep_freed_memory
         keep_freed_memory()
-    hf = HFBaseline(preset, seq, batch, vocab, precision, compile)
+    hf = HFBaseline(preset, seq, batch, vocab, precision, compile, experts)
     hf.step()
     hf.step()  # warm up: the first calls pick oneDNN kernels (and compile)
     conn.send("ready")

@@ -117,6 +117,9 @@ def _check_out_file(out: Path, model_dir: Path, overwrite: bool) -> Path:
 
 
 def _check_expressible(cfg: ModelConfig, model_dir: Path) -> None:
+    if cfg.moe is not None:
+        raise ZhllmError(f"{model_dir}: mixture-of-experts models are not exported to GGUF yet; llama.cpp reads the "
+                         "checkpoint as it is with its own convert_hf_to_gguf.py (Qwen2MoeForCausalLM)")
     rs = cfg.rope_scaling
     if rs is not None and rs.type != "linear":
         raise ZhllmError(f"{model_dir}: {rs.type} rope scaling is not exported to GGUF (only linear is); "

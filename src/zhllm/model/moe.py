@@ -54,22 +54,40 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)        # assignments grouped by expert, token order kept within one
         token = order // top_k
         counts = torch.bincount(flat, minlength=self.n_experts)
-        xs = x[token]
-        if _grouped_mm_ok(xs):
+        if _grouped_mm_ok(x):
+            xs = x[token]
             offsets = counts.cumsum(0).to(torch.int32)
             h = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets)
             gate, up = h.chunk(2, dim=-1)
             y = F.grouped_mm((F.silu(gate) * up).contiguous(), self.down_proj.transpose(1, 2), offs=offsets)
         else:
+            # Each expert's rows are padded with zero rows to a multiple of ROWS_MULTIPLE: oneDNN builds a kernel
+            # per matrix shape and keeps ~1k of them, and routing gives every step new row counts, so unpadded
+            # slices rebuild kernels all the time (measured: matmuls at half speed in a 26m-active MoE step).
+            padded = (counts + ROWS_MULTIPLE - 1) // ROWS_MULTIPLE * ROWS_MULTIPLE
+            expert = flat[order]
+            rank = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+            slot = (padded.cumsum(0) - padded)[expert] + rank   # where each assignment sits among padded rows
+            source = torch.full((int(padded.sum()),), x.shape[0], dtype=torch.long, device=x.device)
+            source[slot] = token
+            # index_select, not [source]: its backward is index_add, several times faster than indexing's
+            # accumulating index_put in bf16 on a CPU. Padding rows read the appended zero row.
+            xs = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)
+            # unbind, not [e]: indexing would give each expert's backward a zero-filled gradient of the whole
+            # stacked weight to add into (a third of the block's time on a CPU); unbind's backward is one stack.
+            gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
             outs, start = [], 0
-            for e, n in enumerate(counts.tolist()):
+            for e, n in enumerate(padded.tolist()):
                 if n:
-                    gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-                    outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+                    gate, up = F.linear(xs[start:start + n], gate_up[e]).chunk(2, dim=-1)
+                    outs.append(F.linear(F.silu(gate) * up, down[e]))
                     start += n
-            y = torch.cat(outs)
+            y = torch.cat(outs).index_select(0, slot)
         y = y * weights.reshape(-1)[order, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+ROWS_MULTIPLE = 64
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
