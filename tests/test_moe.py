@@ -104,7 +104,9 @@ def test_router_loss_terms_and_their_gradient():
     logits = [r[0] for r in records]
     z = sum(torch.logsumexp(g, -1).square().mean() for g in logits) / 3
     assert figures["moe/z_loss"] == pytest.approx(float(z.detach()), rel=1e-5)
-    want = 0.01 * M.load_balancing_loss(logits, 2) + 0.001 * z
+    per_layer = sum(M.load_balancing_loss([g], 2) for g in logits) / 3  # not pooled over layers as transformers
+    assert figures["moe/aux_loss"] == pytest.approx(float(per_layer.detach()), rel=1e-5)
+    want = 0.01 * per_layer + 0.001 * z
     assert float(term.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     assert sum(v for k, v in figures.items() if k.startswith("expert_load/L2/")) == pytest.approx(1.0)
     term.backward()
@@ -163,3 +165,61 @@ def test_moe_pretraining_logs_expert_load_and_resumes_exactly(tmp_path, shards, 
     assert died.returncode == 1, died.stderr[-2000:]
     run_inprocess(crashed, "log.plots=true", resume="auto")
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+
+
+def test_lora_sft_on_a_moe_model_trains_the_experts_and_matches_peft_on_transformers(tmp_path, tokenizer_dir):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from zhllm.tokenizer.load import load_tokenizer
+    from zhllm.train.sft import run_sft
+    base_dir = save_model(Transformer(tiny_moe(vocab=len(load_tokenizer(tokenizer_dir)))).init_weights(seed=4),
+                          tmp_path / "base", tokenizer=tokenizer_dir)
+    chats = [{"messages": [{"role": "user", "content": f"{a}加{b}等于几？"},
+                           {"role": "assistant", "content": f"答案：{a + b}"}]} for a in range(1, 9) for b in range(1, 9)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats))
+    run_sft("tiny", [f"model.init_from={base_dir}", f"data.path={data}", f"out_dir={tmp_path / 'run'}",
+                     "train.max_steps=4", "train.batch_size=4", "train.seq_len=48", "train.lr=1e-2", "eval.every=0",
+                     "checkpoint.every=4", "log.progress=false", "log.tensorboard=false", "log.plots=false",
+                     "lora.enabled=true", "lora.r=4", "lora.dropout=0"])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_4"
+    with safe_open(str(ckpt / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert any(".mlp.experts." in k for k in f.keys()) and any("shared_expert.up_proj" in k for k in f.keys())
+    x = torch.randint(0, cfg_vocab(base_dir), (2, 10))
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), ckpt / "adapter").eval()
+    with torch.no_grad():
+        want = hf(x).logits
+        merged = load_model(ckpt)(x)
+        before = load_model(base_dir)(x)
+    torch.testing.assert_close(merged, want, atol=1e-4, rtol=0)
+    assert not torch.allclose(merged, before, atol=1e-3)
+
+
+def cfg_vocab(model_dir) -> int:
+    return json.loads((model_dir / "config.json").read_text())["vocab_size"]
+
+
+def test_lora_dpo_on_a_moe_model_adapter_reference_equals_copy(tmp_path, tokenizer_dir):
+    from zhllm.tokenizer.load import load_tokenizer
+    from zhllm.train.dpo import run_dpo
+    from zhllm.train.metrics import read_metrics
+    torch.set_num_threads(1)
+    base_dir = save_model(Transformer(tiny_moe(vocab=len(load_tokenizer(tokenizer_dir)))).init_weights(seed=5),
+                          tmp_path / "base", tokenizer=tokenizer_dir)
+    pairs = [{"prompt": f"请写一句话（{i}）", "chosen": "今天天气很好，我们去公园散步吧！", "rejected": "Hello, world."}
+             for i in range(24)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    runs = {}
+    for ref in ("copy", "adapter"):
+        run_dpo("tiny", [f"model.init_from={base_dir}", f"data.path={data}", f"out_dir={tmp_path / ref}",
+                         "train.max_steps=3", "train.batch_size=4", "train.seq_len=96", "train.lr=3e-3",
+                         "train.precision=fp32", "train.threads=1", "eval.every=0", "checkpoint.every=3",
+                         "log.every=1", "log.progress=false", "log.tensorboard=false", "log.plots=false",
+                         "lora.enabled=true", "lora.r=4", "lora.dropout=0", f"dpo.reference={ref}"])
+        runs[ref] = [r for r in read_metrics(tmp_path / ref) if r.get("kind", "train") == "train"]
+    for a, b in zip(runs["copy"], runs["adapter"]):  # disabling the adapter (experts' included) gives the reference
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and "moe/aux_loss" in a
+    assert runs["copy"][-1]["rewards/margins"] != pytest.approx(0, abs=1e-6)

@@ -81,6 +81,9 @@ def model_info(path: str | Path) -> str:
         f"{format_count(cfg.num_params(include_embeddings=False))} without embeddings",
         f"shape          dim {cfg.dim}, layers {cfg.n_layers}, heads {cfg.n_heads} (kv {cfg.n_kv_heads}), "
         f"head_dim {cfg.head_dim}, ffn {cfg.ffn_dim}",
+        *([f"experts        {m.n_experts} routed (top {m.top_k}, ffn {m.expert_ffn_dim}) + a shared expert "
+           f"(ffn {m.shared_expert_ffn_dim}); {format_count(cfg.num_params(active=True))} parameters active per token"
+           + (f"; dense layers {m.dense_layers}" if m.dense_layers else "")] if (m := cfg.moe) else []),
         f"vocabulary     {cfg.vocab_size}, tied embeddings: {'yes' if cfg.tie_embeddings else 'no'}",
         f"context        {cfg.max_seq_len} tokens, rope theta {cfg.rope_theta:g}"
         + (f", {cfg.rope_scaling.type} scaling x{cfg.rope_scaling.factor:g}" if cfg.rope_scaling else ""),

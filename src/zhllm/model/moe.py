@@ -168,11 +168,15 @@ def expert_load(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def router_loss_terms(records: list) -> tuple[torch.Tensor, dict[str, float]]:
-    """From `record_router_logits`' records: the training term (aux and z losses times their coefficients) and
-    figures to log (`moe/aux_loss`, `moe/z_loss`, `expert_load/L<layer>/E<expert>`, layers counted in call order)."""
+    """From `record_router_logits`' records: the training term (the mean per-layer load-balancing loss and the z
+    loss, times their coefficients) and figures to log (`moe/aux_loss`, `moe/z_loss`, `expert_load/L<layer>/E<expert>`, layers counted in call order)."""
     logits = [r[0] for r in records]
     m: MoEConfig = records[0][1]
-    aux, z = load_balancing_loss(logits, m.top_k), z_loss(logits)
+    # Per layer, then averaged (Switch Transformer, Megatron): transformers pools every layer's tokens first, so
+    # layers that favour different experts cancel out and each can stay unbalanced (measured: the busiest of 4
+    # experts took half of a layer's assignments while the pooled loss read 2.01, its balanced value 2).
+    aux = torch.stack([load_balancing_loss([layer], m.top_k) for layer in logits]).mean()
+    z = z_loss(logits)
     figures = {"moe/aux_loss": float(aux.detach()), "moe/z_loss": float(z.detach())}
     for i, layer in enumerate(logits):
         for e, share in enumerate(expert_load(layer.detach(), m.top_k).tolist()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +18,12 @@ from torch import nn
 
 from ..errors import ZhllmError
 from ..fsutil import atomic_directory
+from ..model.moe import Experts
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# In a mixture-of-experts model these targets name the routed experts' stacked weights too.
+EXPERT_PARAMS = {"gate_proj": "mlp.experts.gate_up_proj", "up_proj": "mlp.experts.gate_up_proj",
+                 "down_proj": "mlp.experts.down_proj"}
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers CausalLM
 MERGE_COMMAND = "lora merge"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -38,8 +43,19 @@ def lora_config(r: int = 8, alpha: float = 16, dropout: float = 0.0, target: Seq
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                target: Sequence[str] = LORA_TARGETS, rslora: bool = False, qlora: bool = False) -> nn.Module:
-    """Inject LoRA layers in place; afterwards only the LoRA matrices require grad."""
-    return inject_lora(model, lora_config(r, alpha, dropout, target, rslora), qlora=qlora)
+    """Inject LoRA layers in place; afterwards only the LoRA matrices require grad. In a mixture-of-experts model,
+    targets `gate_proj`/`up_proj`/`down_proj` cover the stacked routed experts too (peft's `target_parameters`:
+    a rank-r pair per expert, without dropout), besides the shared expert's linear layers."""
+    config = lora_config(r, alpha, dropout, target, rslora)
+    experts = sorted({EXPERT_PARAMS[t] for t in target if t in EXPERT_PARAMS})
+    if experts and any(isinstance(m, Experts) for m in model.modules()):
+        if dropout > 0:  # peft has no dropout for LoRA on parameters
+            print(f"warning: lora.dropout={dropout}: peft's LoRA on stacked expert weights has no dropout, so the "
+                  "routed experts stay frozen (attention and the shared expert get LoRA); set lora.dropout=0 to "
+                  "adapt the experts too", file=sys.stderr)
+        else:
+            config.target_parameters = experts
+    return inject_lora(model, config, qlora=qlora)
 
 
 def inject_lora(model: nn.Module, config, qlora: bool = False) -> nn.Module:
@@ -141,10 +157,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
-    """Fold every LoRA layer into its base weight and put the plain nn.Linear back: a normal model again."""
-    for name, layer in _lora_layers(model):
+    """Fold every LoRA layer into its base weight and put the plain module back: a normal model again. (peft nests
+    one wrapper per targeted parameter of a module, e.g. MoE experts: all merge, the outermost is replaced.)"""
+    layers = _lora_layers(model)
+    for _, layer in layers:
         layer.merge(safe_merge=True)
-        _replace_module(model, name, layer.get_base_layer())
+    names = [name for name, _ in layers]
+    for name, layer in layers:
+        if not any(name.startswith(other + ".") for other in names):
+            _replace_module(model, name, layer.get_base_layer())
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model

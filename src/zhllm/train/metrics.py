@@ -146,7 +146,8 @@ def _drop_records_after(path: Path, step: int) -> None:
 def train_line(r: dict) -> str:
     mfu = f" mfu {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
     # an objective's own figures are namespaced ("rewards/margins"); the console shows the few that say most
-    extra = "".join(f" {k.split('/')[-1]} {r[k]:.3f}" for k in ("rewards/margins", "rewards/accuracy", "reward", "kl") if k in r)
+    extra = "".join(f" {k.split('/')[-1]} {r[k]:.3f}" for k in ("rewards/margins", "rewards/accuracy", "reward", "kl",
+                                                                "moe/aux_loss") if k in r)
     return (f"step {r['step']}/{r['max_steps']} loss {r['loss']:.4f}{extra} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
             f"tok/s {r['tokens_per_s']:.0f}{mfu} mem {r['memory_gb']:.2f}GB eta {'-' if r['eta_s'] is None else format_eta(r['eta_s'])}")
 
@@ -229,6 +230,8 @@ def _plot_expert_load(train: list[dict], path: Path, plt) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     grid = [[share(train[-1], lay, e) for e in experts] for lay in layers]
     im = left.imshow(grid, aspect="auto", cmap="viridis")
+    left.set_xticks(range(len(experts)), experts)
+    left.set_yticks(range(len(layers)), layers)
     left.set_xlabel("expert")
     left.set_ylabel("MoE layer")
     left.set_title(f"share of tokens per expert, step {train[-1]['step']}")

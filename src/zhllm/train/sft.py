@@ -149,9 +149,12 @@ def merged_model(model: torch.nn.Module) -> torch.nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
-            state[f"{name}.weight"] = base.weight.detach() + module.get_delta_weight("default").detach()
-            if base.bias is not None:
-                state[f"{name}.bias"] = base.bias.detach()
+            # LoRA on a parameter (MoE experts) wraps its module once per parameter: name it from the base.
+            param = getattr(module, "parameter_name", None) or "weight"
+            owner = name.replace(".base_layer", "")
+            state[f"{owner}.{param}"] = getattr(base, param).detach() + module.get_delta_weight("default").detach()
+            if getattr(base, "bias", None) is not None:
+                state[f"{owner}.bias"] = base.bias.detach()
     for name, p in model.state_dict().items():
         if "lora_" in name or ".base_layer." in name:
             continue
