@@ -91,3 +91,21 @@ def test_kill_and_resume_is_bitwise_equal(tmp_path, tiny_model_dir, shards):
     run_distill("tiny", sets(tiny_model_dir, shards, tmp_path / "cut"), resume="auto")
     assert train_losses(tmp_path / "ref") == train_losses(tmp_path / "cut")
     assert kls(tmp_path / "ref") == kls(tmp_path / "cut")
+
+
+def test_int8_teacher_is_close_to_its_full_precision_forward_and_trains(tmp_path, tiny_model_dir, shards):
+    from zhllm.infer.linear import Int8Module, quantize_linears_int8
+    from zhllm.model.io import load_model
+    full = load_model(tiny_model_dir)
+    int8 = quantize_linears_int8(load_model(tiny_model_dir, dtype=torch.bfloat16))
+    assert isinstance(int8.model.layers[0].self_attn.q_proj, Int8Module)
+    assert type(int8.lm_head) is torch.nn.Linear  # tied to the embedding: kept
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        want, got = full(x), int8(x).float()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    torch.set_num_threads(1)
+    run_distill("tiny", sets(tiny_model_dir, shards, tmp_path / "run", "train.max_steps=8", "eval.every=0",
+                             "teacher.dtype=int8", "distill.alpha=1.0"))
+    train = kls(tmp_path / "run")
+    assert len(train) == 8 and all(math.isfinite(k) for k in train) and train[-1] < train[0]

@@ -73,6 +73,29 @@ class Int8Linear:
 
 
 
+class Int8Module(torch.nn.Module):
+    """An nn.Linear's weight-only int8 stand-in for a whole model's forward (a distillation teacher too large for
+    memory otherwise): a quarter of fp32's bytes, but on a CPU a batched product runs ~3x slower than bf16."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        bias = None if linear.bias is None else linear.bias.detach()
+        self.fn = Int8Linear(linear.weight.detach(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def quantize_linears_int8(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
+    """Every nn.Linear of `model` but those named in `skip` (a tied lm_head shares the embedding) becomes an
+    `Int8Module`, in place; for inference only."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, Int8Module(module))
+    return model
+
+
 def decode_linear(quantize: str) -> Callable[[torch.Tensor, torch.Tensor | None], LinearFn]:
     """The builder of decode-step products for a quantization mode (`none` or `int8`)."""
     if quantize not in QUANTIZE:
