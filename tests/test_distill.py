@@ -109,3 +109,56 @@ def test_int8_teacher_is_close_to_its_full_precision_forward_and_trains(tmp_path
                              "teacher.dtype=int8", "distill.alpha=1.0"))
     train = kls(tmp_path / "run")
     assert len(train) == 8 and all(math.isfinite(k) for k in train) and train[-1] < train[0]
+
+
+def test_top_k_loss_is_the_written_out_formula_and_the_full_kl_at_k_equal_vocab():
+    from zhllm.train.distill import topk_distill_losses
+    torch.manual_seed(1)
+    s, t = torch.randn(4, 9), torch.randn(4, 9)
+    y = torch.randint(0, 9, (4,))
+    T, k = 1.5, 3
+    top = t.topk(k, dim=-1)
+    want = 0.0
+    for i in range(4):
+        p = (top.values[i] / T).softmax(-1)  # the teacher renormalised over its k tokens
+        q = (s[i] / T).log_softmax(-1)[top.indices[i]]  # the student's full softmax at those tokens
+        want += float((p * (p.log() - q)).sum())
+    _, kl, _ = topk_distill_losses(s, top.indices, top.values, y, T, 1.0)
+    assert float(kl) == pytest.approx(want, rel=1e-5)
+    full = t.topk(9, dim=-1)
+    for a, b in zip(topk_distill_losses(s, full.indices, full.values, y, T, 0.4), distill_losses(s, t, y, "forward", T, 0.4)):
+        assert float(a) == pytest.approx(float(b), rel=1e-5)
+
+
+def test_teacher_cache_runs_the_teacher_once_per_window_and_resumes_bitwise(tmp_path, tiny_model_dir, shards,
+                                                                            monkeypatch):
+    from zhllm.data.shards import PackedTokenDataset
+    from zhllm.train.distill import Distill
+    torch.set_num_threads(1)
+    windows = len(PackedTokenDataset([str(shards)], 32, "train"))
+    steps = -(-2 * windows // 4)  # two epochs of 4-window batches
+    rows = []
+    run_teacher = Distill.run_teacher
+    monkeypatch.setattr(Distill, "run_teacher", lambda self, x: rows.append(x.shape[0]) or run_teacher(self, x))
+    cached = ["teacher.top_k=8", "teacher.cache=true", "eval.every=0", f"train.max_steps={steps}",
+              f"checkpoint.every={steps // 2}"]
+    run_distill("tiny", sets(tiny_model_dir, shards, tmp_path / "ref", *cached))
+    assert sum(rows) == windows  # every window's teacher logits computed once, read back in the second epoch
+    assert (tmp_path / "ref" / "teacher_topk" / "meta.json").is_file()
+    # the same recipe without the cache gives the same losses (the logits are rounded alike either way)
+    run_distill("tiny", sets(tiny_model_dir, shards, tmp_path / "live", *cached[:1], *cached[2:]))
+    assert train_losses(tmp_path / "ref") == train_losses(tmp_path / "live")
+    # killed half-way, resumed: the cache built so far is read, the losses are bitwise those of the straight run
+    monkeypatch.undo()
+    args = [sys.executable, "-m", "zhllm", "distill", "--config", "tiny"]
+    for s in sets(tiny_model_dir, shards, tmp_path / "cut", *cached):
+        args += ["--set", s]
+    died = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1", "ZHLLM_FAIL_AT_STEP": str(steps // 2 + 1)},
+                          capture_output=True, text=True)
+    assert died.returncode == 1, died.stderr[-2000:]
+    run_distill("tiny", sets(tiny_model_dir, shards, tmp_path / "cut", *cached), resume="auto")
+    assert train_losses(tmp_path / "ref") == train_losses(tmp_path / "cut")
+    # a cache made for another recipe is refused, not overwritten
+    with pytest.raises(Exception, match="another k"):
+        run_distill("tiny", sets(tiny_model_dir, shards, tmp_path / "other", "teacher.top_k=4", "teacher.cache=true",
+                                 f"teacher.cache_dir={tmp_path / 'ref' / 'teacher_topk'}", "eval.every=0"))

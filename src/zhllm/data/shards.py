@@ -210,6 +210,10 @@ class _WindowSource:
         j = self.order.window_at(k)
         return self.stream.read(j * self.seq_len, self.seq_len + 1)
 
+    def window_index(self, k: int) -> int:
+        """Which of the stream's windows the k-th one yielded is (the same window in every epoch)."""
+        return self.order.window_at(k)
+
 
 class PackedTokenDataset:
     """Fixed windows of `seq_len + 1` tokens over one or many shard directories, addressed by one integer.
@@ -261,6 +265,19 @@ class PackedTokenDataset:
             return self._sources[0].window(i)
         s, k = self._schedule.locate(i)
         return self._sources[s].window(k)
+
+    def window_key(self, i: int) -> tuple[int, int]:
+        """(source, window number within that source's stream) of global window i: what identifies a window's
+        tokens across epochs (e.g. to cache a teacher's outputs for it)."""
+        if i < 0:
+            raise IndexError(f"window index must be >= 0, got {i}")
+        if self._schedule is None:
+            return 0, self._sources[0].window_index(i)
+        s, k = self._schedule.locate(i)
+        return s, self._sources[s].window_index(k)
+
+    def windows_per_source(self) -> list[int]:
+        return [src.num_windows for src in self._sources]
 
     def batch(self, start: int, count: int):
         """torch.LongTensor (count, seq_len + 1) of windows start..start+count-1."""
