@@ -223,3 +223,30 @@ def test_lora_dpo_on_a_moe_model_adapter_reference_equals_copy(tmp_path, tokeniz
     for a, b in zip(runs["copy"], runs["adapter"]):  # disabling the adapter (experts' included) gives the reference
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and "moe/aux_loss" in a
     assert runs["copy"][-1]["rewards/margins"] != pytest.approx(0, abs=1e-6)
+
+
+def test_mixtral_both_ways(tmp_path):
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+    cfg = ModelConfig(arch="mixtral", vocab_size=80, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=16,
+                      tie_embeddings=False, moe=MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=16, n_shared_experts=0))
+    ours = Transformer(cfg).init_weights(seed=6).eval()
+    assert ours.model.layers[0].mlp.shared_expert is None
+    save_model(ours, tmp_path / "zh")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "zh" / "model.safetensors"), "pt") as f:  # Mixtral's Hub names
+        assert "model.layers.1.block_sparse_moe.experts.2.w3.weight" in f.keys()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "zh").eval()
+    assert type(theirs) is MixtralForCausalLM
+    ids = torch.randint(0, 80, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = theirs(ids, output_router_logits=True)
+    logits, routers = zhllm_forward_with_routing(ours, ids)
+    torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(M.load_balancing_loss(routers, 2), ref.aux_loss, atol=1e-6, rtol=0)
+    torch.manual_seed(7)
+    native = MixtralForCausalLM(theirs.config).eval()
+    native.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "hf")(ids), native(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(Exception, match="shared expert"):
+        ModelConfig(arch="qwen2_moe", moe=MoEConfig(n_shared_experts=0))

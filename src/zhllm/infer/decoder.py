@@ -203,8 +203,10 @@ def can_fuse(model: torch.nn.Module) -> bool:
         if isinstance(m, MoE):
             if type(m.experts) is not Experts:
                 return False
-            linears += [m.gate, m.shared_expert_gate, m.shared_expert.gate_proj, m.shared_expert.up_proj,
-                        m.shared_expert.down_proj]
+            linears.append(m.gate)
+            if m.shared_expert is not None:
+                linears += [m.shared_expert_gate, m.shared_expert.gate_proj, m.shared_expert.up_proj,
+                            m.shared_expert.down_proj]
         else:
             linears += [m.gate_proj, m.up_proj, m.down_proj]
     if any(type(m) is not torch.nn.Linear for m in linears) or type(model.model.embed_tokens) is not torch.nn.Embedding:

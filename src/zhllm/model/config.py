@@ -14,7 +14,9 @@ from typing import Literal, Optional
 from ..config import PACKAGE_CONFIGS, checked, from_dict, read_yaml
 from ..errors import ConfigError, ZhllmError
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
+MOE_ARCHS = ("qwen2_moe", "mixtral")
 
 
 @dataclass
@@ -33,12 +35,13 @@ class RopeScaling:
 
 @dataclass
 class MoEConfig:
-    """The mixture-of-experts feed-forward (arch qwen2_moe): `top_k` of `n_experts` routed SwiGLU experts per
-    token plus a shared expert every token passes through, scaled by a sigmoid gate (transformers' Qwen2-MoE)."""
+    """The mixture-of-experts feed-forward: `top_k` of `n_experts` routed SwiGLU experts per token, plus (arch
+    qwen2_moe) a shared expert every token passes through, scaled by a sigmoid gate (transformers' Qwen2-MoE);
+    arch mixtral has no shared expert (n_shared_experts: 0) and always renormalises the top-k weights."""
     n_experts: int = checked(8, ge=1)
     top_k: int = checked(2, ge=1)
     expert_ffn_dim: int = checked(256, ge=1)          # each routed expert's hidden size (moe_intermediate_size)
-    n_shared_experts: int = checked(1, ge=1)          # the shared expert is this many experts wide ...
+    n_shared_experts: int = checked(1, ge=0)          # the shared expert is this many experts wide ...
     shared_expert_ffn_dim: Optional[int] = checked(None, ge=1)  # ... unless its hidden size is given outright
     norm_topk_prob: bool = True                       # renormalise the top-k router probabilities to sum to 1
     router_aux_loss_coef: float = checked(0.01, ge=0)  # Switch-Transformer load balancing, as transformers computes it
@@ -54,7 +57,7 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["llama", "qwen2", "qwen2_moe"] = "llama"
+    arch: Literal["llama", "qwen2", "qwen2_moe", "mixtral"] = "llama"
     vocab_size: int = 6400
     dim: int = 512
     n_layers: int = 8
@@ -73,13 +76,22 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
-    moe: Optional[MoEConfig] = None  # arch qwen2_moe only
+    moe: Optional[MoEConfig] = None  # arch qwen2_moe or mixtral only
 
     def __post_init__(self):
         if self.attention_bias is None:
             self.attention_bias = self.arch in ("qwen2", "qwen2_moe")
-        if (self.moe is not None) != (self.arch == "qwen2_moe"):
-            raise ConfigError("model.moe goes with arch: qwen2_moe (and arch qwen2_moe needs a model.moe section)")
+        if (self.moe is not None) != (self.arch in MOE_ARCHS):
+            raise ConfigError("model.moe goes with arch: qwen2_moe or mixtral (and those need a model.moe section)")
+        if self.arch == "qwen2_moe" and not self.moe.shared_expert_ffn_dim:
+            raise ConfigError("arch qwen2_moe always has a shared expert (model.moe.n_shared_experts >= 1); "
+                              "arch mixtral has none")
+        if self.arch == "mixtral":
+            m = self.moe
+            if m.shared_expert_ffn_dim or not m.norm_topk_prob or m.dense_layers or self.attention_bias:
+                raise ConfigError("arch mixtral has no shared expert, no dense layers and no attention bias, and "
+                                  "renormalises the top-k weights: set model.moe.n_shared_experts: 0, "
+                                  "norm_topk_prob: true, dense_layers: [] and attention_bias: false")
         if self.moe is not None and any(not 0 <= i < self.n_layers for i in self.moe.dense_layers):
             raise ConfigError(f"model.moe.dense_layers must be layer numbers below model.n_layers={self.n_layers}")
         if self.head_dim is None:
@@ -107,7 +119,8 @@ class ModelConfig:
             if self.is_moe_layer(layer):
                 m = self.moe
                 experts = m.top_k if active else m.n_experts
-                mlp = 3 * self.dim * (experts * m.expert_ffn_dim + m.shared_expert_ffn_dim) + self.dim * (m.n_experts + 1)
+                mlp = (3 * self.dim * (experts * m.expert_ffn_dim + m.shared_expert_ffn_dim)
+                       + self.dim * (m.n_experts + (1 if m.shared_expert_ffn_dim else 0)))
             body += attn + mlp + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return body + (emb if include_embeddings else 0)
@@ -164,6 +177,11 @@ class ModelConfig:
                      shared_expert_intermediate_size=m.shared_expert_ffn_dim, norm_topk_prob=m.norm_topk_prob,
                      router_aux_loss_coef=m.router_aux_loss_coef, router_z_loss_coef=m.router_z_loss_coef,
                      decoder_sparse_step=1, mlp_only_layers=list(m.dense_layers), output_router_logits=False)
+        elif self.arch == "mixtral":
+            m = self.moe
+            d.update(intermediate_size=m.expert_ffn_dim, num_local_experts=m.n_experts, num_experts_per_tok=m.top_k,
+                     router_aux_loss_coef=m.router_aux_loss_coef, router_z_loss_coef=m.router_z_loss_coef,
+                     router_jitter_noise=0.0, sliding_window=None, output_router_logits=False)
         else:
             if not self.attention_bias:
                 raise ConfigError("the qwen2 architecture always has q/k/v bias; use arch: llama for none")
@@ -181,6 +199,13 @@ class ModelConfig:
         if model_type in ("qwen2", "qwen2_moe") and d.get("use_sliding_window"):
             raise ZhllmError(f"{source}: Qwen2 sliding-window attention is not supported")
         moe = None
+        if model_type == "mixtral":
+            if d.get("sliding_window"):
+                raise ZhllmError(f"{source}: Mixtral sliding-window attention is not supported")
+            moe = MoEConfig(n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"],
+                            expert_ffn_dim=d["intermediate_size"], n_shared_experts=0, norm_topk_prob=True,
+                            router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),
+                            router_z_loss_coef=d.get("router_z_loss_coef", 0.0))
         if model_type == "qwen2_moe":
             n_layers, step = d["num_hidden_layers"], d.get("decoder_sparse_step", 1)
             dense = sorted(set(d.get("mlp_only_layers") or []) | {i for i in range(n_layers) if (i + 1) % step})

@@ -18,7 +18,7 @@ from ..pointers import resolve_model_dir
 from ..tokenizer.load import TOKENIZER_FILES
 from ..tokenizer.special import IM_END
 from .config import ModelConfig
-from .moe import split_expert_weights, stack_expert_weights
+from .moe import split_expert_weights, stack_expert_weights, to_mixtral_names
 from .transformer import Transformer, rope_frequencies
 
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
@@ -132,6 +132,8 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra_fi
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # safetensors stores no aliases; transformers re-ties on load
     state = split_expert_weights(state)
+    if cfg.arch == "mixtral":
+        state = to_mixtral_names(state)
     hf = {**cfg.to_hf_dict(), **getattr(model, "hf_config_extra", {})}  # e.g. a reward model's head
     hf["torch_dtype"] = str(state["model.embed_tokens.weight"].dtype).replace("torch.", "")
     with atomic_directory(out_dir, marker=command) as tmp:

@@ -109,15 +109,19 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    """Router + routed experts + the sigmoid-gated shared expert (transformers' Qwen2MoeSparseMoeBlock)."""
+    """Router + routed experts + the sigmoid-gated shared expert (transformers' Qwen2MoeSparseMoeBlock), or without
+    the shared expert (MixtralSparseMoeBlock)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         m = self.moe = cfg.moe
         self.gate = nn.Linear(cfg.dim, m.n_experts, bias=False)
         self.experts = Experts(cfg.dim, m)
-        self.shared_expert = SharedExpert(cfg.dim, m.shared_expert_ffn_dim)
-        self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False)
+        if m.shared_expert_ffn_dim:  # Qwen2-MoE's; Mixtral has none
+            self.shared_expert = SharedExpert(cfg.dim, m.shared_expert_ffn_dim)
+            self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (N, E), the chosen experts (N, top_k) and their weights (N, top_k), for x (N, dim)."""
@@ -135,7 +139,8 @@ class MoE(nn.Module):
         if _records is not None and torch.is_grad_enabled():
             _records.append((logits, self.moe))
         out = self.experts(x, expert_ids, weights)
-        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(shape)
 
 
@@ -186,13 +191,40 @@ def router_loss_terms(records: list) -> tuple[torch.Tensor, dict[str, float]]:
 
 # ---- checkpoint layout: the Hub's per-expert tensors on disk, stacked ones in memory ----
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Mixtral's Hub names: block_sparse_moe for mlp, w1/w3/w2 for gate/up/down.
+_MIXTRAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MIXTRAL_KEY = re.compile(r"^(.*)\.block_sparse_moe\.(gate\.weight|experts\.(\d+)\.(w1|w2|w3)\.weight)$")
+
+
+def _from_mixtral_name(k: str) -> str:
+    match = _MIXTRAL_KEY.match(k)
+    if match is None:
+        return k
+    if match[3] is None:
+        return f"{match[1]}.mlp.gate.weight"
+    return f"{match[1]}.mlp.experts.{match[3]}.{_MIXTRAL[match[4]]}.weight"
+
+
+def to_mixtral_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert tensors (after `split_expert_weights`) under Mixtral's Hub names."""
+    back = {v: k for k, v in _MIXTRAL.items()}
+    out = {}
+    for k, v in state.items():
+        k = k.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
+        match = _PER_EXPERT.match(k)
+        if match:
+            k = f"{match[1].replace('.mlp.', '.block_sparse_moe.')}.{match[2]}.{back[match[3]]}.weight"
+        out[k] = v
+    return out
 
 
 def stack_expert_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-expert checkpoint tensors -> the stacked `gate_up_proj` / `down_proj` of each layer (others untouched)."""
+    """Per-expert checkpoint tensors (Qwen2-MoE's or Mixtral's names) -> the stacked `gate_up_proj` / `down_proj`
+    of each layer under transformers' in-memory names (others untouched)."""
     groups: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
     out = {}
     for k, v in state.items():
+        k = _from_mixtral_name(k)
         match = _PER_EXPERT.match(k)
         if match:
             groups.setdefault(match[1], {}).setdefault(match[3], {})[int(match[2])] = v
