@@ -250,3 +250,35 @@ def test_mixtral_both_ways(tmp_path):
         torch.testing.assert_close(load_model(tmp_path / "hf")(ids), native(ids).logits, atol=1e-5, rtol=0)
     with pytest.raises(Exception, match="shared expert"):
         ModelConfig(arch="qwen2_moe", moe=MoEConfig(n_shared_experts=0))
+
+
+def test_the_server_scheduler_decodes_a_moe_model_as_the_engine(tokenizer_dir):
+    import threading
+
+    from zhllm.infer.engine import Engine
+    from zhllm.infer.prompts import encode_prompt
+    from zhllm.infer.sampling import SamplingParams
+    from zhllm.serve.scheduler import Request, Scheduler
+    from zhllm.tokenizer.load import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    engine = Engine(Transformer(tiny_moe(vocab=len(tok))).init_weights(seed=8).eval(), tok)
+    cases = [("今天天气", 12), ("机器学习是人工智能的一个分支", 5), ("春眠不觉晓", 9)]
+    done = [threading.Event() for _ in cases]
+    texts = [""] * len(cases)
+
+    def sink(i):
+        def on_event(event):
+            if event.kind == "text":
+                texts[i] += event.text
+            else:
+                done[i].set()
+        return on_event
+    scheduler = Scheduler(engine, max_batch=2, prefill_chunk=4)  # rows join and leave a running batch
+    scheduler.start()
+    try:
+        scheduler.submit([Request(encode_prompt(tok, p), SamplingParams(temperature=0, max_new_tokens=n), sink(i))
+                          for i, (p, n) in enumerate(cases)])
+        assert all(d.wait(30) for d in done)
+    finally:
+        scheduler.stop()
+    assert texts == [engine.generate(p, temperature=0, max_new_tokens=n) for p, n in cases]
