@@ -8,7 +8,7 @@ when they are visited, so the cache serves every epoch and any number of process
 A cache directory holds `meta.json` (the teacher's, the shards' and the window shape's fingerprints: a cache made
 for anything else is an error, never overwritten), and per data source `ids-<n>.bin` (windows, seq_len, k) token
 ids, `logits-<n>.bin` (same shape, fp16) and `filled-<n>.bin` (a byte per window, set after its rows are written).
-The files are sparse until filled: 6 (vocabularies over 65536: 8) bytes x k per cached token.
+The files are sparse until filled: 4 (vocabularies over 65536: 6) bytes x k per cached token.
 """
 from __future__ import annotations
 
