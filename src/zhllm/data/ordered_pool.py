@@ -131,10 +131,14 @@ def imap_ordered(fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]], wor
 
 
 def terminate_workers(pool: ProcessPoolExecutor) -> None:
-    """SIGTERM every worker of `pool` now (their running units are abandoned); shutdown() then reaps them."""
-    # no public API before Python 3.14; terminate() on a process that already exited is a no-op
+    """SIGKILL every worker of `pool` now (their running units are abandoned); shutdown() then reaps them.
+
+    Not SIGTERM: a worker forked an instant earlier still has this process's Python SIGTERM handler until its
+    initializer resets it, so it survived SIGTERM, then blocked forever on the task queue's lock, which a killed
+    sibling held, and shutdown() waited for it forever (seen as a hung `--strict` test)."""
+    # no public API before Python 3.14; kill() on a process that already exited is a no-op
     for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        proc.terminate()
+        proc.kill()
 
 
 class Terminated(SystemExit):
@@ -143,7 +147,7 @@ class Terminated(SystemExit):
 
 @contextmanager
 def _sigterm_stops(pool: ProcessPoolExecutor) -> Iterator[list[int]]:
-    """While the pool runs, SIGTERM terminates its workers and the loop then raises Terminated, so the
+    """While the pool runs, SIGTERM kills its workers and the loop then raises Terminated, so the
     caller's cleanup (staged output directories) runs; the default would kill this process without it.
 
     The handler only flags and kills: an exception raised inside a signal handler can land in code that
