@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, MoEConfig
+from .mlp import MLP
 
 # Router logits of the MoE layers run with autograd on, while `record_router_logits` is open (the trainer's step):
 # the load-balancing and z losses are training terms, so the model's forward stays a plain logits function.
@@ -97,17 +98,6 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
-class SharedExpert(nn.Module):
-    def __init__(self, dim: int, ffn_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
-        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
-        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class MoE(nn.Module):
     """Router + routed experts + the sigmoid-gated shared expert (transformers' Qwen2MoeSparseMoeBlock), or without
     the shared expert (MixtralSparseMoeBlock)."""
@@ -118,7 +108,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(cfg.dim, m.n_experts, bias=False)
         self.experts = Experts(cfg.dim, m)
         if m.shared_expert_ffn_dim:  # Qwen2-MoE's; Mixtral has none
-            self.shared_expert = SharedExpert(cfg.dim, m.shared_expert_ffn_dim)
+            self.shared_expert = MLP(cfg.dim, m.shared_expert_ffn_dim)
             self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False)
         else:
             self.shared_expert = self.shared_expert_gate = None
