@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -53,6 +54,12 @@ def init_distributed(requested_device: str = "auto") -> Dist:
 
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            # A gloo worker thread frees a finished collective's tensors under the GIL, and the process group's
+            # destructor (run later with the GIL held, when the DDP reducer is freed) joins those threads: an
+            # exit right after a collective could deadlock (seen on an error exit; pytorch issue 56297).
+            # Sleeping releases the GIL so the workers finish first.
+            time.sleep(0.1)
         dist.destroy_process_group()
 
 
