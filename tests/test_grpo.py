@@ -46,10 +46,10 @@ def test_tiny_model_learns_to_answer_seven(tmp_path, tiny_model_dir, prompts_fil
     """Reward 1 when the answer is 7: from chance (a random model over 400 tokens) to reliably 7."""
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    run_grpo("tiny", sets(tiny_model_dir, prompts_file, out, "train.max_steps=50", "train.batch_size=4",
+    run_grpo("tiny", sets(tiny_model_dir, prompts_file, out, "train.max_steps=70", "train.batch_size=4",
                           "grpo.num_generations=16", "grpo.beta=0.01", "log.plots=true"))
     rs = records(out)
-    assert [r["step"] for r in rs] == list(range(1, 51))
+    assert [r["step"] for r in rs] == list(range(1, 71))
     first, last = rs[:3], rs[-5:]
     assert sum(r["reward"] for r in first) / 3 < 0.2
     assert sum(r["reward"] for r in last) / 5 > 0.8
@@ -62,8 +62,8 @@ def test_tiny_model_learns_to_answer_seven(tmp_path, tiny_model_dir, prompts_fil
     assert 0 < rs[-1]["rollout_s"] < rs[-1]["step_s"]
     assert rs[-1]["entropy"] < rs[0]["entropy"]
     assert (out / "plots" / "reward.png").is_file() and (out / "plots" / "kl.png").is_file()
-    assert (out / "checkpoints" / "step_50" / "model.safetensors").is_file()
-    assert not (out / "checkpoints" / "step_50" / "grpo_rollouts.pt").exists()  # nothing pending at the end
+    assert (out / "checkpoints" / "step_70" / "model.safetensors").is_file()
+    assert not (out / "checkpoints" / "step_70" / "grpo_rollouts.pt").exists()  # nothing pending at the end
 
 
 def test_kill_between_passes_and_resume_is_bitwise_equal(tmp_path, tiny_model_dir, prompts_file, dense_reward):

@@ -69,10 +69,12 @@ def test_chat_completion_with_the_openai_client_equals_the_engine(client, engine
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 5
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
-    # max_completion_tokens (the newer name) and a stop string that cuts the answer
+    # max_completion_tokens (the newer name) and a stop string that cuts the answer (12 tokens may decode to
+    # only a few characters: the tiny tokenizer spells rare characters in bytes, and a stray byte prints nothing)
+    stop = want[len(want) // 2]
     r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_completion_tokens=12,
-                                       stop=[want[4:6]])
-    assert r.choices[0].message.content == want[:want.index(want[4:6])]
+                                       stop=[stop])
+    assert r.choices[0].message.content == want[:want.index(stop)]
     assert r.choices[0].finish_reason == "stop"
 
 
@@ -87,7 +89,9 @@ def test_streaming_with_the_openai_client(client, engine):
             reasons.append(c.finish_reason)
         usage = chunk.usage or usage
     assert "".join(pieces) == greedy(engine, messages, 15)
-    assert reasons[-1] == "length" and usage.completion_tokens == 15
+    # "length" after 15 tokens, or "stop" if the model ended its answer sooner (as this tokenizer's may)
+    assert (reasons[-1], usage.completion_tokens == 15) in {("length", True), ("stop", False)}
+    assert 0 < usage.completion_tokens <= 15
     stream = client.completions.create(model="tiny", prompt="春眠不觉晓，", temperature=0, max_tokens=10, stream=True)
     assert "".join(c.choices[0].text for c in stream) == greedy(engine, "春眠不觉晓，", 10)
 

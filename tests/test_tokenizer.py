@@ -184,3 +184,28 @@ def test_training_is_deterministic(tmp_path, corpus, backend):
     files = [(o / "tokenizer.json").read_bytes() for o in outs]
     assert files[0] == files[1]
     assert files[0] != files[2]  # another seed samples other documents
+
+
+def test_byte_level_model_encodes_as_the_character_level_model_it_came_from(corpus):
+    """byte_bpe.py: the merges learnt on characters, rewritten over bytes, cut texts into the same pieces."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from zhllm.tokenizer.byte_bpe import byte_level_model, byte_symbols, train_char_level
+    from zhllm.tokenizer.train import SPLIT_PATTERN, byte_level_pre_tokenizer
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    alphabet = sorted(set("".join(corpus)))
+    merges = train_char_level(corpus, 600, split, 2, False, alphabet)
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    chars = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    chars.pre_tokenizer = split
+    size = 256 + 2000  # room for every learnt merge
+    converted = Tokenizer(byte_level_model(alphabet, merges, [], size))
+    converted.pre_tokenizer = byte_level_pre_tokenizer()
+    symbol = byte_symbols()
+    assert sorted(symbol) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    for text in set(corpus):
+        want = ["".join(symbol[b] for b in piece.encode("utf-8")) for piece in chars.encode(text).tokens]
+        assert converted.encode(text).tokens == want
+    assert len(merges) > 100

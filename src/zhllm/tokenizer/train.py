@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,25 +33,42 @@ def byte_level_pre_tokenizer():
 
 def train_bpe(texts: Iterable[str], vocab_size: int, num_reserved: int = DEFAULT_NUM_RESERVED, min_frequency: int = 2,
               show_progress: bool = False):
-    """Train a byte-level BPE `tokenizers.Tokenizer` on an iterator of texts.
+    """Train a byte-level BPE `tokenizers.Tokenizer` on texts: trained on characters and rewritten in bytes
+    (byte_bpe.py, 3x faster than training on bytes, the same kind of model).
 
     `show_progress` runs the `tokenizers` trainer's own bars: only for a terminal on stdout and stderr
-    (see progress.py); a list of texts gives them real totals."""
-    from tokenizers import Tokenizer, decoders, models, trainers
-    from tokenizers.pre_tokenizers import ByteLevel
+    (see progress.py)."""
+    from collections import Counter
 
-    smallest = 256 + len(special_tokens(num_reserved))
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+
+    from .byte_bpe import byte_level_model, train_char_level
+
+    specials = special_tokens(num_reserved)
+    smallest = 256 + len(specials)
     if vocab_size <= smallest:
         raise ZhllmError(f"vocab size {vocab_size} is too small: the 256 bytes and "
-                         f"{len(special_tokens(num_reserved))} special tokens alone need {smallest}")
-
-    tok = Tokenizer(models.BPE())
+                         f"{len(specials)} special tokens alone need {smallest}")
+    texts = texts if isinstance(texts, list) else list(texts)
+    chars: Counter = Counter()
+    for text in texts:
+        chars.update(text)
+    # The characters worth a token of their own: those seen at least once per 400k characters of text. Rarer ones
+    # stay byte sequences, as a byte-level trainer leaves them when its vocabulary runs out before their merges
+    # (on 50 MB of the shared prose at 32k: 1.727 chars/token held out, as byte-level training; keeping every
+    # character seen twice spent 4,000 tokens on rare characters: 1.706).
+    # Single-byte characters are free (they are bytes); at most half the free vocabulary goes to the others, so
+    # small vocabularies still learn merges.
+    floor = max(min_frequency, sum(chars.values()) // 400_000)
+    ranked = sorted((c for c, n in chars.items() if n >= floor), key=lambda c: (-chars[c], c))
+    ascii_chars = sorted(c for c in chars if ord(c) < 128)
+    alphabet = ascii_chars + [c for c in ranked if ord(c) >= 128][:(vocab_size - smallest) // 2]
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    merges = train_char_level(texts, vocab_size, split, min_frequency, show_progress, alphabet)
+    tok = Tokenizer(byte_level_model(alphabet, merges, specials, vocab_size))
     tok.pre_tokenizer = byte_level_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens(num_reserved),
-        initial_alphabet=ByteLevel.alphabet(), show_progress=show_progress)
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts) if isinstance(texts, Sized) else None)
+    tok.add_special_tokens(specials)
     return tok
 
 
