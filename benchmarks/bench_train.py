@@ -111,11 +111,14 @@ class HFBaseline:
         self.gen = torch.Generator().manual_seed(0)
         self.seq, self.batch, self.vocab = seq, batch, vocab
 
-    def step(self) -> float:
+    def step(self, batch: dict | None = None) -> float:
+        """One optimizer step on `batch` (input_ids, labels, attention_mask), by default on random tokens."""
         t = time.perf_counter()
-        ids = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=self.gen)
+        if batch is None:
+            ids = torch.randint(0, self.vocab, (self.batch, self.seq), generator=self.gen)
+            batch = {"input_ids": ids, "labels": ids}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            loss = self.model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+            loss = self.model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
