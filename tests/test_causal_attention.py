@@ -112,3 +112,30 @@ def test_compiled_attention_under_bf16_autocast_computes_in_bf16(blocked_calls):
     for x, r in zip((q, k, v), ref):
         assert x.grad.dtype == torch.float32
         assert relative_error(x.grad, r) < 0.01
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-tensors", "bf16-autocast"])
+def test_eager_short_bf16_rows_compute_in_fp32(autocast):
+    """Eagerly, rows up to SHORT_SEQ long take PyTorch's fp32 attention (its bf16 kernel is slow there): the
+    output is the fp32 result rounded once to bf16, gradients are those of the fp32 attention; longer rows
+    keep the bf16 kernel."""
+    q32, k32, v32 = qkv(ca.SHORT_SEQ)
+    if autocast:
+        q, k, v = (x.detach().requires_grad_() for x in (q32, k32, v32))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ca.causal_attention(q, k, v)
+        q_in, k_in, v_in = (x.detach().bfloat16().float() for x in (q, k, v))  # what autocast hands on
+    else:
+        q, k, v = (x.detach().bfloat16().requires_grad_() for x in (q32, k32, v32))
+        out = ca.causal_attention(q, k, v)
+        q_in, k_in, v_in = (x.detach().float() for x in (q, k, v))
+    ref_inputs = [x.requires_grad_() for x in (q_in, k_in, v_in)]
+    ref = F.scaled_dot_product_attention(*ref_inputs, is_causal=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+    grad_out = torch.randn_like(ref)
+    out.backward(grad_out.bfloat16())
+    for x, r in zip((q, k, v), torch.autograd.grad(ref, ref_inputs, grad_out.bfloat16().float())):
+        assert relative_error(x.grad.float(), r) < 0.01
+    q, k, v = qkv(ca.SHORT_SEQ + 1, torch.bfloat16)
+    torch.testing.assert_close(ca.causal_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               rtol=0, atol=0)
