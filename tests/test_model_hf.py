@@ -67,6 +67,21 @@ def test_kv_cache_token_by_token_equals_full_forward():
     assert torch.allclose(got, full, atol=1e-5)
 
 
+def test_logits_at_positions_equal_the_full_logits_there():
+    """RL updates ask for the completion positions' logits only; the gradient reaches the same weights."""
+    model = new_model(tiny_config(), seed=3)
+    x = ids(B=2, T=16)
+    at = torch.tensor([[3, 4, 5, 0], [10, 11, 12, 13]])
+    full = model(x)
+    picked = model(x, logits_at=at)
+    assert picked.shape == (2, 4, full.shape[-1])
+    want = full.gather(1, at[..., None].expand(-1, -1, full.shape[-1]))
+    assert torch.allclose(picked, want, atol=1e-5)
+    g_full = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+    g_at = torch.autograd.grad(picked.square().sum(), list(model.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_full, g_at))
+
+
 def test_chunked_prefill_with_cache_is_causal():
     model = new_model(tiny_config(), seed=4).eval()
     x = ids(B=1, T=12)

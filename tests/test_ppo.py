@@ -98,10 +98,10 @@ def records(run_dir):
 def test_tiny_model_learns_to_answer_seven(tmp_path, tiny_model_dir, prompts_file):
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    run_ppo("tiny", sets(tiny_model_dir, prompts_file, out, "train.max_steps=90", "train.batch_size=4",
+    run_ppo("tiny", sets(tiny_model_dir, prompts_file, out, "train.max_steps=60", "train.batch_size=4", "train.lr=2e-2",
                          "ppo.num_generations=16", "log.plots=true"))
     rs = records(out)
-    assert [r["step"] for r in rs] == list(range(1, 91))
+    assert [r["step"] for r in rs] == list(range(1, 61))
     assert sum(r["reward"] for r in rs[:3]) / 3 < 0.2
     assert sum(r["reward"] for r in rs[-5:]) / 5 > 0.8
     kls = [r["kl"] for r in rs]
@@ -109,7 +109,7 @@ def test_tiny_model_learns_to_answer_seven(tmp_path, tiny_model_dir, prompts_fil
     for key in ("value_loss", "policy_loss", "clip_ratio", "value_clip_ratio", "explained_variance", "entropy",
                 "kl_coef", "rollout_s"):
         assert all(key in r for r in rs), key
-    ckpt = out / "checkpoints" / "step_90"
+    ckpt = out / "checkpoints" / "step_60"
     from zhllm.model.io import load_model
     from zhllm.model.reward import is_reward_model_dir
     assert load_model(ckpt).config.vocab_size > 0  # the policy: a plain HF causal LM directory

@@ -242,9 +242,14 @@ class Transformer(nn.Module):
             cache.length += T
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Logits (B, T, vocab). Keyword arguments as in `hidden_states`."""
-        return self.lm_head(self.hidden_states(input_ids, **kwargs))
+    def forward(self, input_ids: torch.Tensor, *, logits_at: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Logits (B, T, vocab), or with `logits_at` (B, K) positions only theirs (B, K, vocab): the lm_head and
+        what follows it skip the positions nobody reads (a prompt's, in an RL update). Other keyword arguments
+        as in `hidden_states`."""
+        h = self.hidden_states(input_ids, **kwargs)
+        if logits_at is not None:
+            h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        return self.lm_head(h)
 
 
 def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -199,9 +199,12 @@ class GRPO:
 
     def _token_logps(self, model: torch.nn.Module, rollout: Rollout,
                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = model(rollout.input_ids)
-        picked = logits.gather(1, rollout.positions[..., None].expand(-1, -1, logits.shape[-1]))
-        logps, entropy = token_logps_and_entropy(picked, rollout.targets, self.sampling.temperature)
+        return self._logps_of(model(rollout.input_ids, logits_at=rollout.positions), rollout, with_entropy)
+
+    def _logps_of(self, logits: torch.Tensor, rollout: Rollout,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Masked log-probs of the completion tokens (and entropies) from the logits at `rollout.positions`."""
+        logps, entropy = token_logps_and_entropy(logits, rollout.targets, self.sampling.temperature)
         return logps * rollout.mask, entropy if with_entropy else None
 
 

@@ -143,8 +143,8 @@ class PPO(GRPO):
         rollout = Rollout(ids, positions, targets, mask, advantages=torch.empty(0), group=group,
                           metrics=_reward_metrics(total, per_function, self.sampling.group_size, gen))
         with torch.no_grad():
-            logits, values = self.both(ids, with_values=True)
-            rollout.old_logps = self._pick_logps(logits, rollout)[0]
+            logits, values = self.both(ids, with_values=True, logits_at=positions)
+            rollout.old_logps = self._logps_of(logits, rollout)[0]
             rollout.values = values.gather(1, positions) * mask
             ref = None
             if self.ref is not None:
@@ -160,17 +160,11 @@ class PPO(GRPO):
             self.kl_coef = adapt_kl_coef(self.kl_coef, kl_per_sample, p.target_kl, len(rows), p.kl_horizon)
         return rollout
 
-    def _pick_logps(self, logits: torch.Tensor, rollout: Rollout, with_entropy: bool = False):
-        from .grpo_loss import token_logps_and_entropy
-        picked = logits.gather(1, rollout.positions[..., None].expand(-1, -1, logits.shape[-1]))
-        logps, entropy = token_logps_and_entropy(picked, rollout.targets, self.sampling.temperature)
-        return logps * rollout.mask, entropy if with_entropy else None
-
     def loss(self, model: nn.Module, batch: dict) -> GrpoOutput:
         source, pass_, group = (int(x) for x in batch["rollout"].tolist())
         rollout, rollout_s = self._rollout_for(batch, source, pass_, group)
-        logits, values = model(rollout.input_ids, with_values=True)
-        logps, entropy = self._pick_logps(logits, rollout, with_entropy=True)
+        logits, values = model(rollout.input_ids, with_values=True, logits_at=rollout.positions)
+        logps, entropy = self._logps_of(logits, rollout, with_entropy=True)
         values = values.gather(1, rollout.positions)
         p = self.p
         out = ppo_loss(logps, rollout.old_logps, rollout.advantages, values, rollout.values, rollout.returns,
