@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import ZhllmError
 from ..pointers import resolve_model_dir
+from .byte_bpe import byte_symbols
 from .encode import encode_batch_texts
 from .load import load_tokenizer
 
@@ -90,7 +91,7 @@ def _fallback_mask(backend) -> np.ndarray:
     vocab = backend.get_vocab(with_added_tokens=True)
     mask = np.zeros(max(vocab.values(), default=-1) + 1, dtype=bool)
     byte_level = "ByteLevel" in f"{backend.pre_tokenizer!r} {backend.decoder!r}"
-    byte_of = {c: i for i, c in enumerate(_byte_level_chars())} if byte_level else {}
+    byte_of = {c: i for i, c in enumerate(byte_symbols())} if byte_level else {}
     added = set(backend.get_added_tokens_decoder())
     for token, i in vocab.items():
         if BYTE_PIECE.match(token):
@@ -101,20 +102,6 @@ def _fallback_mask(backend) -> np.ndarray:
             except UnicodeDecodeError:
                 mask[i] = True
     return mask
-
-
-def _byte_level_chars() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 byte values, indexed by byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
 
 
 def measure(encoder, name: str, texts: list[str]) -> TokenizerStats:
