@@ -23,7 +23,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 class SlowScheduler(Scheduler):
-    """Decode steps slowed to a human pace, so the answer is still streaming when the test presses stop."""
+    """Decode steps slowed to a human pace, and no end token, so the answer is still streaming when the test
+    presses stop (the random model samples an end token now and then: a race the test lost at random)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stops = set()
 
     def _decode_step(self):
         time.sleep(0.02)
