@@ -230,6 +230,8 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("model: {preset: tiny}\ndata: {path: [x, y], weights: [1]}\ntrain: {max_steps: 1}\n", "data.weights"),
     ("model: {init_from: d, dim: 3}\ndata: {path: [x]}\ntrain: {max_steps: 1}\n", "remove model.dim"),
     ("model: {preset: tiny}\ndata: {path: [x]}\ntrain: {max_steps: 1, schedule: linear}\n", "train.schedule"),
+    ("model: {preset: tiny}\ndata: {path: [x]}\ntrain: {max_steps: 1, optimizer: muon, parallel: fsdp}\n",
+     "train.optimizer muon needs whole matrices"),
 ])
 def test_config_mistakes_are_one_line_errors(tmp_path, text, message):
     f = tmp_path / "r.yaml"
@@ -332,6 +334,54 @@ def test_bf16_weights_with_fp32_masters_resume_exactly(tmp_path):
     assert torch.equal(a.master.master[0], resumed.master.master[0])
     saved = load_model(tmp_path / "a" / "run" / "checkpoints" / "step_6")
     assert next(saved.parameters()).dtype == torch.float32  # checkpoints hold the fp32 masters
+
+
+def test_muon_takes_the_hidden_matrices_and_steps_like_torchs_muon_and_adamw(tmp_path):
+    """MuonAdamW is torch's Muon on the attention/MLP matrices plus fused AdamW on the rest, in one optimizer."""
+    tr = make_trainer(tmp_path, optimizer="muon", max_steps=2, warmup_steps=0, lr=1e-2)
+    model = tr.model
+    muon = {id(p) for g in tr.optimizer.param_groups if g.get("muon") for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in muon}
+    assert names == {n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n}
+    assert all(n.endswith(("proj.weight")) for n in names) and len(names) == 7 * model.config.n_layers
+    ref = tiny_model()
+    groups = parameter_groups(ref, 0.1)
+    hidden = [p for p in groups[0]["params"] if p.ndim == 2 and p is not ref.model.embed_tokens.weight]
+    rest = [p for p in groups[0]["params"] if not any(p is q for q in hidden)]
+    ref_muon = torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    ref_adamw = torch.optim.AdamW([{"params": rest, "weight_decay": 0.1}, groups[1]], lr=1e-2, betas=(0.9, 0.95),
+                                  eps=1e-8)
+    for step in range(2):
+        batch = RandomWindows(16).batch(step * 2, 2)
+        for m, opts in ((model, [tr.optimizer]), (ref, [ref_muon, ref_adamw])):
+            m(batch[:, :-1]).float().logsumexp(-1).mean().backward()
+            for o in opts:
+                o.step()
+                o.zero_grad()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+@pytest.mark.parametrize("train", [{}, {"precision": "bf16", "bf16_weights": True}], ids=["fp32", "bf16-masters"])
+def test_muon_resumes_exactly(tmp_path, train):
+    from zhllm.model.io import load_model
+    from zhllm.train.metrics import read_metrics
+    a = make_trainer(tmp_path / "a", optimizer="muon", **train)
+    a.fit()
+    b = make_trainer(tmp_path / "b", SignalAt(3), optimizer="muon", **train)
+    b.cfg.eval.every = 0
+    b.fit()
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step_3"
+    data = RandomWindows(16)
+    resumed = Trainer(tiny_run(tmp_path / "b", optimizer="muon", **train), CausalLM(),
+                      load_model(ckpt, dtype=torch.float32, train=True), data, data,
+                      resume_dir=ckpt, dist=Dist(), echo=lambda *_: None)
+    assert any("momentum_buffer" in st for st in resumed.optimizer.state.values())
+    resumed.fit()
+    def loss(d):
+        return {r["step"]: r["loss"] for r in read_metrics(d) if r["kind"] == "train"}
+    assert loss(tmp_path / "a" / "run") == loss(tmp_path / "b" / "run")
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), resumed.model.parameters()))
 
 
 def test_mfu_over_100_percent_remeasures_the_cpu_peak(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ class TrainSection:
     warmup_steps: int = checked(100, ge=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = checked(0.2, gt=0, le=1)  # WSD: share of the steps spent decaying at the end
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest (train/optim.py)
     weight_decay: float = checked(0.1, ge=0)
     beta1: float = checked(0.9, ge=0, lt=1)
     beta2: float = checked(0.95, ge=0, lt=1)
@@ -91,6 +92,9 @@ class StageConfig:
     def validate(self, source: str) -> "StageConfig":
         if self.train.max_steps is None and self.train.max_tokens is None:
             raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
+        if self.train.optimizer == "muon" and (self.train.zero1 or self.train.parallel == "fsdp"):
+            raise ConfigError(f"{source}: train.optimizer muon needs whole matrices on each process: use parallel "
+                              "none or ddp without zero1")
         for tracker in ("wandb", "swanlab"):
             if getattr(self.log, tracker) and importlib.util.find_spec(tracker) is None:
                 raise ConfigError(f"{source}: log.{tracker} is on but the {tracker} package is not installed "

@@ -164,46 +164,37 @@ def full_model_state(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(model: nn.Module, optimizer, d: Dist, positional: bool = False) -> dict:
+def full_optimizer_state(model: nn.Module, optimizer, d: Dist, positional: list[str] | None = None) -> dict:
     """Unsharded optimizer state keyed by parameter name, so a checkpoint resumes on any number of
-    processes. Collective under DDP+ZeRO and FSDP: every rank must call it. `positional`: the optimizer
-    holds copies of the model's parameters (bf16 master weights), in parameter-group order."""
+    processes. Collective under DDP+ZeRO and FSDP: every rank must call it. `positional`: the names of the
+    optimizer's parameters in its group order, where it must be keyed by position (ZeRO, or an optimizer holding
+    copies of the model's parameters: bf16 master weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     from torch.distributed.optim import ZeroRedundancyOptimizer
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.consolidate_state_dict(to=0)
-        return _indices_to_names(model, optimizer.state_dict()) if d.is_main else {}
-    if positional:
-        return _indices_to_names(model, optimizer.state_dict())
+        return _indices_to_names(positional, optimizer.state_dict()) if d.is_main else {}
+    if positional is not None:
+        return _indices_to_names(positional, optimizer.state_dict())
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_full(model: nn.Module, optimizer, optim_sd: dict, positional: bool = False) -> None:
+def load_optimizer_full(model: nn.Module, optimizer, optim_sd: dict, positional: list[str] | None = None) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    if isinstance(optimizer, ZeroRedundancyOptimizer) or positional:
-        optimizer.load_state_dict(_names_to_indices(model, optim_sd))
+    if positional is not None:
+        optimizer.load_state_dict(_names_to_indices(positional, optim_sd))
         return
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 
 
-def _param_order(model: nn.Module) -> list[str]:
-    """Parameter names in the order the optimizer groups hold them (see optim.parameter_groups)."""
-    from .optim import parameter_groups
-    inner = getattr(model, "module", model)
-    names = {id(p): n for n, p in inner.named_parameters()}
-    return [names[id(p)] for g in parameter_groups(inner, 0.0) for p in g["params"]]
-
-
-def _indices_to_names(model: nn.Module, sd: dict) -> dict:
-    """ZeRO's consolidated state (keyed by position) in the name-keyed layout of get_optimizer_state_dict,
-    so ZeRO checkpoints resume without ZeRO, on any number of processes, and the other way round."""
-    order = _param_order(model)
+def _indices_to_names(order: list[str], sd: dict) -> dict:
+    """A position-keyed state in the name-keyed layout of get_optimizer_state_dict, so ZeRO and bf16-master
+    checkpoints resume without them, on any number of processes, and the other way round."""
     return {"state": {order[i]: v for i, v in sd["state"].items()},
             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
-def _names_to_indices(model: nn.Module, sd: dict) -> dict:
-    index = {n: i for i, n in enumerate(_param_order(model))}
+def _names_to_indices(order: list[str], sd: dict) -> dict:
+    index = {n: i for i, n in enumerate(order)}
     return {"state": {index[n]: v for n, v in sd["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}

@@ -30,7 +30,7 @@ from .evaluate import greedy_samples
 from .master import MasterWeights
 from .metrics import MFU, MetricsLogger, flops_per_token, memory_gb, plot_run, train_line
 from .objectives import Objective
-from .optim import build_optimizer, lr_at, parameter_groups, set_lr
+from .optim import build_optimizer, lr_at, parameter_groups, set_lr, split_muon_groups
 from .precision import resolve_precision
 from .state import (TrainerState, capture_rng, load_optimizer_state, load_trainer_state, restore_rng,
                     save_checkpoint_atomic)
@@ -98,11 +98,25 @@ class Trainer:
         groups = parameter_groups(self.model, t.weight_decay)
         if self.master is not None:
             groups = self.master.groups_for(groups)
+        if t.optimizer == "muon":
+            held = (lambda p: self.master.by_model_id[id(p)]) if self.master is not None else (lambda p: p)
+            groups = split_muon_groups(self.model, groups, params_of=held)
         if t.zero1 and self.d.enabled and t.parallel == "ddp":
             from torch.distributed.optim import ZeroRedundancyOptimizer
             return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=t.lr,
                                            betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
-        return build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), groups=groups)
+        return build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), groups=groups,
+                               kind=t.optimizer)
+
+    def _positional_names(self) -> list[str] | None:
+        """The optimizer's parameters' names in its group order where its state is keyed by position: it holds
+        bf16 masters (copies of the model's parameters) or is ZeRO. None: torch's name-keyed state dict."""
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        if self.master is None and not isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            return None
+        pairs = zip(self.master.names, self.master.master) if self.master is not None else self.model.named_parameters()
+        names = {id(p): n for n, p in pairs}
+        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     def _autocast(self):
         t = self.cfg.train
@@ -114,7 +128,7 @@ class Trainer:
     def _resume(self, ckpt: Path, state: TrainerState) -> None:
         self.state = state
         optim_sd = load_optimizer_state(ckpt)
-        par.load_optimizer_full(self.wrapped, self.optimizer, optim_sd, positional=self.master is not None)
+        par.load_optimizer_full(self.wrapped, self.optimizer, optim_sd, positional=self._positional_names())
         restore_rng(self.state.rng)
         self.state.precision = self.cfg.train.precision
         self.echo(f"resumed from {ckpt} at step {self.state.step} (data position {self.state.data_position})")
@@ -219,7 +233,8 @@ class Trainer:
             raise NonFiniteError(f"step {self.state.step}: the weights are not finite (inf/nan), checkpoint NOT "
                                  "written; the last checkpoint is intact. Lower train.lr, raise train.warmup_steps "
                                  "or use bf16/fp32")
-        optim_sd = par.full_optimizer_state(self.wrapped, self.optimizer, self.d, positional=self.master is not None)
+        optim_sd = par.full_optimizer_state(self.wrapped, self.optimizer, self.d,
+                                             positional=self._positional_names())
         model_sd = par.full_model_state(self.wrapped) if self.fsdp else \
             self.master.state_dict() if self.master is not None else None
         path = None
