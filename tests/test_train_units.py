@@ -259,11 +259,13 @@ def test_preset_vocab_follows_the_data():
 
 
 def test_packaged_recipes_load():
-    for name in ("tiny", "26m", "1.4b"):
+    for name in ("tiny", "6m", "26m", "1.4b"):
         cfg = load_run_config(name)
         assert cfg.train.max_steps or cfg.train.max_tokens
     assert load_run_config("1.4b").train.parallel == "fsdp"
     assert load_run_config("26m").train.seq_len == 512
+    assert load_run_config("6m").train.optimizer == "muon"
+    assert model_config_from("6m").num_params(include_embeddings=False) == 4_427_008
 
 
 # ---- checkpoint bookkeeping ----
