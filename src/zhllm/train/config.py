@@ -95,6 +95,11 @@ class StageConfig:
         if self.train.optimizer == "muon" and (self.train.zero1 or self.train.parallel == "fsdp"):
             raise ConfigError(f"{source}: train.optimizer muon needs whole matrices on each process: use parallel "
                               "none or ddp without zero1")
+        if self.train.optimizer == "muon":
+            import torch
+            if not hasattr(torch.optim, "Muon"):
+                raise ConfigError(f"{source}: train.optimizer muon needs torch >= 2.9 (torch.optim.Muon); "
+                                  f"this is torch {torch.__version__}")
         for tracker in ("wandb", "swanlab"):
             if getattr(self.log, tracker) and importlib.util.find_spec(tracker) is None:
                 raise ConfigError(f"{source}: log.{tracker} is on but the {tracker} package is not installed "
