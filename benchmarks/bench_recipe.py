@@ -44,9 +44,9 @@ class Recipe:
 
 
 RECIPES = {
-    # configs/pretrain/6m.yaml as shipped (its max_tokens fit 2 Zen 4 cores in bf16), half of its windows from
+    # configs/pretrain/6m.yaml as shipped (its max_tokens fit 2 Zen 4 cores in bf16), two thirds of its windows from
     # the general prose.
-    "zhllm": Recipe(config="configs/pretrain/6m.yaml", vocab=6400, checkpoint_every=200, sets=["data.weights=[1,1]"],
+    "zhllm": Recipe(config="configs/pretrain/6m.yaml", vocab=6400, checkpoint_every=200, sets=["data.weights=[2,1]"],
                     quick_tokens=800_000),
     # MiniMind's trainer/train_pretrain.py on the same 26M shape (MiniMind2-small: dim 512, 8 layers, GQA 8/2,
     # 6400-token vocabulary, its own tokenizer): AdamW lr 5e-4 (torch's default weight decay 0.01 and betas),
