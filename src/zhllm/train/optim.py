@@ -49,11 +49,11 @@ class MuonAdamW(torch.optim.Optimizer):
     per matrix to AdamW's update RMS (Moonshot's `match_rms_adamw`), so one lr and weight decay serve both.
     """
 
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95):
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], kernel: dict,
+                 momentum: float = 0.95):
         super().__init__(groups, {"lr": lr, "weight_decay": 0.0})
-        adam = [p for g in self.param_groups if not g.get("muon") for p in g["params"]]
         self._adamw = torch.optim.AdamW([g for g in self.param_groups if not g.get("muon")], lr=lr, betas=betas,
-                                        eps=1e-8, **adamw_kernel_options(adam))
+                                        eps=1e-8, **kernel)
         self._muon = torch.optim.Muon([g for g in self.param_groups if g.get("muon")], lr=lr, momentum=momentum,
                                       adjust_lr_fn="match_rms_adamw")
 
@@ -92,7 +92,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     params = [p for g in groups for p in g["params"]]
     kernel = kernel if kernel is not None else adamw_kernel_options(params)
     if kind == "muon":
-        optimizer = MuonAdamW(groups, lr=lr, betas=betas)
+        optimizer = MuonAdamW(groups, lr=lr, betas=betas, kernel=kernel)
     else:
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **kernel)
     if kind == "muon" or kernel.get("fused"):
