@@ -93,3 +93,21 @@ def test_sft_missing_init_from_directory_is_named(tmp_path, capsys):
     assert main(["sft", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.init_from" in err and "no such model directory" in err and "tokenizer" not in err, err
+
+
+def test_a_partial_section_keeps_the_stages_own_defaults():
+    """A recipe that sets two `train` keys keeps GRPO's defaults for the rest (constant lr, no warmup, no weight
+    decay), not TrainSection's pretraining defaults (cosine, 100 warmup steps, weight decay 0.1)."""
+    from zhllm.config import from_dict
+    from zhllm.train.grpo import GrpoConfig
+    from zhllm.train.config import TrainSection
+
+    cfg = from_dict(GrpoConfig, {"train": {"lr": 1e-5, "max_steps": 10}, "eval": {"batches": 2}})
+    default = GrpoConfig().train
+    assert (cfg.train.lr, cfg.train.max_steps) == (1e-5, 10)
+    assert (cfg.train.schedule, cfg.train.warmup_steps, cfg.train.weight_decay, cfg.train.batch_size) == \
+        (default.schedule, default.warmup_steps, default.weight_decay, default.batch_size) == ("constant", 0, 0.0, 4)
+    assert (cfg.eval.every, cfg.eval.batches) == (0, 2)  # GRPO's eval default (off) survives too
+    assert TrainSection().warmup_steps != default.warmup_steps  # the two defaults differ, so the test can fail
+    with pytest.raises(ConfigError, match="train.warmup_steps"):
+        from_dict(GrpoConfig, {"train": {"warmup_steps": -1}})

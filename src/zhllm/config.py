@@ -134,10 +134,13 @@ def _deep_copy(x):
     return x
 
 
-def from_dict(cls: type[T], data: dict | None, source: str = "<config>", prefix: str = "") -> T:
+def from_dict(cls: type[T], data: dict | None, source: str = "<config>", prefix: str = "", base: T | None = None) -> T:
     """Build dataclass `cls` from a mapping, checking every key and value type.
 
-    `source` names the file (for messages), `prefix` the dotted path of this section.
+    `source` names the file (for messages), `prefix` the dotted path of this section. Keys the mapping leaves out
+    keep `base`'s values when given, else the class defaults. A nested section starts from its field's own
+    default (a stage's `train` defaults are GRPO's, not TrainSection's), so a recipe that sets two keys of a
+    section keeps the stage's choice for the rest.
     """
     data = data or {}
     if not isinstance(data, dict):
@@ -150,12 +153,25 @@ def from_dict(cls: type[T], data: dict | None, source: str = "<config>", prefix:
         raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known keys here: {known})")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
+        section = _section_default(fields[name], hints[name], value)
+        if section is not None:
+            kwargs[name] = from_dict(hints[name], value, source, f"{prefix}{name}.", base=section)
+        else:
+            kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
         _check(fields[name], kwargs[name], source, f"{prefix}{name}")
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _section_default(f: dataclasses.Field, tp, value):
+    """The default instance of a nested dataclass section given as a mapping, or None."""
+    if not (dataclasses.is_dataclass(tp) and isinstance(value, dict)):
+        return None
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _check(f: dataclasses.Field, value, source: str, key: str) -> None:
