@@ -161,6 +161,11 @@ class HFProcess:
         self.proc.join()
 
 
+def matmul_peaks(remeasure: bool = False) -> dict[str, float]:
+    """{"bf16": FLOP/s, "fp32": FLOP/s}; remeasure keeps the larger of this and the earlier measurement."""
+    return {p: cpu_matmul_peak(dtype, remeasure) for p, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="26m")
@@ -172,7 +177,7 @@ def main() -> None:
                     help="also time zhllm eager with bf16 weights, bf16 autocast, fp32, and fp32 compiled")
     args = ap.parse_args()
 
-    peaks = {p: cpu_matmul_peak(dtype) for p, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    peaks = matmul_peaks()
     cfg = model_config_from(args.preset)
     fpt = flops_per_token(cfg, args.seq)
     tokens = args.batch * args.seq
@@ -215,7 +220,7 @@ def main() -> None:
             hf.close()
     # measured again after the runs, keeping the larger: one measurement at a slow moment of a shared host gave
     # half the peak (and MFUs above 100%)
-    peaks = {p: cpu_matmul_peak(dtype, remeasure=True) for p, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    peaks = matmul_peaks(remeasure=True)
     reference = min(HF_VARIANTS, key=lambda name: statistics.median(times[name]))  # the fastest transformers
     hf_times = times[reference]
     base = statistics.median(hf_times)

@@ -167,11 +167,9 @@ def from_dict(cls: type[T], data: dict | None, source: str = "<config>", prefix:
 
 def _section_default(f: dataclasses.Field, tp, value):
     """The default instance of a nested dataclass section given as a mapping, or None."""
-    if not (dataclasses.is_dataclass(tp) and isinstance(value, dict)):
-        return None
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None if f.default is dataclasses.MISSING else f.default
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()  # (a dataclass instance cannot be a plain default: it is mutable)
+    return None
 
 
 def _check(f: dataclasses.Field, value, source: str, key: str) -> None:

@@ -92,11 +92,11 @@ class StageConfig:
     def validate(self, source: str) -> "StageConfig":
         if self.train.max_steps is None and self.train.max_tokens is None:
             raise ConfigError(f"{source}: set train.max_steps or train.max_tokens")
-        if self.train.optimizer == "muon" and (self.train.zero1 or self.train.parallel == "fsdp"):
-            raise ConfigError(f"{source}: train.optimizer muon needs whole matrices on each process: use parallel "
-                              "none or ddp without zero1")
         if self.train.optimizer == "muon":
             import torch
+            if self.train.zero1 or self.train.parallel == "fsdp":
+                raise ConfigError(f"{source}: train.optimizer muon needs whole matrices on each process: use "
+                                  "parallel none or ddp without zero1")
             if not hasattr(torch.optim, "Muon"):
                 raise ConfigError(f"{source}: train.optimizer muon needs torch >= 2.9 (torch.optim.Muon); "
                                   f"this is torch {torch.__version__}")
