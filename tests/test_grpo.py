@@ -147,3 +147,47 @@ def test_ppo_epochs_passes_read_the_same_prompts(tiny_model_dir):
     assert torch.equal(steps[2]["prompt_index"], steps[3]["prompt_index"])
     assert not torch.equal(steps[0]["prompt_index"], steps[2]["prompt_index"])
     assert [s["rollout"].tolist() for s in steps] == [[2, 0, 0], [2, 1, 0], [6, 0, 1], [6, 1, 1]]
+
+
+def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ():
+    """Round 0 has one informative group of two; the next rounds are drawn at random and seeded, and sampling
+    stops once the micro-batch's two groups are kept. Metrics cover every sampled group."""
+    from types import SimpleNamespace
+
+    from zhllm.train.grpo_rollout import GRPO, Sampling
+    plans = {0: [[1, 1], [0, 1]], 1: [[0, 0], [1, 1]], 2: [[1, 0], [0, 1]], 3: [[0, 1], [0, 1]]}
+    calls = []
+
+    def sample_and_score(prompt_index, source, round_=0):
+        calls.append((tuple(prompt_index), round_))
+        rewards = torch.tensor([float(x) for group in plans[round_] for x in group])
+        rows = [(SimpleNamespace(prompt=i, round=round_), SimpleNamespace(token_ids=[1], finish_reason="stop"))
+                for i in prompt_index for _ in range(2)]
+        return rows, rewards, {"exact": rewards}
+
+    def make(rounds):
+        g = GRPO(Sampling(2, 4, 1.0, 1.0, 0, []), loss_type="grpo", scale_rewards=True, epsilon_low=0.2,
+                 epsilon_high=0.2, beta=0.0, ppo_epochs=1, seed=0, grad_accum=1, reference=None, tokenizer=None,
+                 dynamic_sampling=rounds)
+        g.data = SimpleNamespace(records=list(range(50)))
+        g._sample_and_score = sample_and_score
+        return g
+
+    g = make(rounds=5)
+    rows, total, _ = g._sample_and_score([3, 4], source=8)
+    kept_rows, kept, metrics = g._informative(rows, total, {"exact": total}, source=8)
+    assert kept.tolist() == [0, 1, 1, 0]  # round 0's second group, then round 2's first
+    assert [r.round for r, _ in kept_rows] == [0, 0, 2, 2] and kept_rows[0][0].prompt == 4
+    assert [c[1] for c in calls] == [0, 1, 2]  # stopped as soon as two were kept
+    assert calls[1][0] != calls[2][0] and all(0 <= i < 50 for c in calls for i in c[0])
+    assert metrics["sampling_rounds"] == 3 and metrics["groups_kept"] == pytest.approx(3 / 6)
+    assert metrics["reward"] == pytest.approx(7 / 12)  # over every sampled completion
+    drawn = calls[1:]
+    calls.clear()
+    again = make(rounds=5)._informative(rows, total, {"exact": total}, source=8)
+    assert again[1].tolist() == kept.tolist() and calls == drawn  # the same draws: seeded, so resumable
+    # no round finds an informative group: the first round's groups stay (advantage 0, no gradient)
+    plans.update({1: [[0, 0], [0, 0]], 0: [[1, 1], [0, 0]]})
+    rows, total, _ = sample_and_score([3, 4], 8)
+    kept_rows, kept, metrics = make(rounds=1)._informative(rows, total, {"exact": total}, source=8)
+    assert kept.tolist() == [1, 1, 0, 0] and metrics["groups_kept"] == 0 and metrics["sampling_rounds"] == 2

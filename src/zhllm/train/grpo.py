@@ -45,6 +45,9 @@ class GrpoSection:
     epsilon_low: float = checked(0.2, ge=0, lt=1)
     epsilon_high: float = checked(0.2, ge=0)   # DAPO's clip-higher: e.g. 0.28
     beta: float = checked(0.0, ge=0)           # KL weight; 0 = no reference pass at all
+    # DAPO's dynamic sampling: up to this many more rounds of prompts per micro-batch, keeping only groups whose
+    # rewards differ (the others have advantage 0) until the batch is full; 0 = off
+    dynamic_sampling: int = checked(0, ge=0)
     reference: Literal["auto", "copy", "adapter"] = "auto"  # auto: adapter with LoRA, else copy
     # dtype the completions are sampled in: auto = inference's default (bf16 on GPUs and on CPUs with native bf16),
     # from a copy of the policy's weights made per rollout (a plain model; LoRA/FSDP sample in their own). The
@@ -139,7 +142,8 @@ def grpo_objective(run: StageRun, model: torch.nn.Module):
     return GRPO(sampling, loss_type=g.loss_type, scale_rewards=g.scale_rewards, epsilon_low=g.epsilon_low,
                 epsilon_high=g.epsilon_high, beta=g.beta, ppo_epochs=g.ppo_epochs, seed=cfg.train.seed,
                 grad_accum=cfg.train.grad_accum, reference=reference, tokenizer=run.tokenizer,
-                resume_dir=run.resume_dir, width_multiple=64 if cfg.train.compile else 1)
+                resume_dir=run.resume_dir, width_multiple=64 if cfg.train.compile else 1,
+                dynamic_sampling=g.dynamic_sampling)
 
 
 def build_grpo_model(run: StageRun, train) -> torch.nn.Module:

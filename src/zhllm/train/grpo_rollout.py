@@ -71,14 +71,15 @@ class GRPO:
 
     def __init__(self, sampling: Sampling, *, loss_type: str, scale_rewards: bool, epsilon_low: float,
                  epsilon_high: float, beta: float, ppo_epochs: int, seed: int, grad_accum: int,
-                 reference: Callable | None, tokenizer, resume_dir: Path | None = None, width_multiple: int = 1):
+                 reference: Callable | None, tokenizer, resume_dir: Path | None = None, width_multiple: int = 1,
+                 dynamic_sampling: int = 0):
         """reference(model) -> (module, context): what computes the reference's log-probs (a frozen copy, or
-        the policy inside `adapters_disabled`); None when beta == 0."""
+        the policy inside `adapters_disabled`); None when beta == 0. dynamic_sampling: see `_informative`."""
         self.sampling, self.loss_type, self.scale_rewards = sampling, loss_type, scale_rewards
         self.epsilon_low, self.epsilon_high, self.beta = epsilon_low, epsilon_high, beta
         self.ppo_epochs, self.seed, self.grad_accum = ppo_epochs, seed, grad_accum
         self.reference, self.tokenizer, self.resume_dir = reference, tokenizer, resume_dir
-        self.width_multiple = width_multiple
+        self.width_multiple, self.dynamic_sampling = width_multiple, dynamic_sampling
         self.buffer: dict[int, Rollout] = {}
         self.echo = print
 
@@ -143,12 +144,15 @@ class GRPO:
 
     def _rollout(self, prompt_index: list[int], source: int, group: int) -> Rollout:
         s = self.sampling
-        rows, gen, total, per_function = self._sample_and_score(prompt_index, source)
+        rows, total, per_function = self._sample_and_score(prompt_index, source)
+        if self.dynamic_sampling:
+            rows, total, metrics = self._informative(rows, total, per_function, source)
+        else:
+            metrics = _reward_metrics(total, per_function, s.group_size, [c for _, c in rows])
         advantages = group_advantages(total, s.group_size, self.scale_rewards)
         rollout = Rollout(*_training_rows([r.ids for r, _ in rows], [c.token_ids for _, c in rows], self.device,
                                           self.width_multiple),
-                          advantages=advantages.to(self.device),
-                          metrics=_reward_metrics(total, per_function, s.group_size, gen), group=group)
+                          advantages=advantages.to(self.device), metrics=metrics, group=group)
         with torch.no_grad():
             if self.ppo_epochs > 1:
                 rollout.old_logps = self._token_logps(self.policy, rollout)[0]
@@ -158,12 +162,44 @@ class GRPO:
                     rollout.ref_logps = self._token_logps(module, rollout)[0]
         return rollout
 
-    def _sample_and_score(self, prompt_index: list[int], source: int):
-        """(rows: [(record, completion)], the BatchGeneration, total rewards (N,), {function: rewards (N,)}) of
-        `group_size` samples per prompt, seeded by the rollout's data position."""
+    def _informative(self, rows: list, total: torch.Tensor, per_function: dict[str, torch.Tensor], source: int):
+        """DAPO's dynamic sampling: (rows, total rewards, metrics) of only the groups whose rewards differ (a
+        group that agrees has advantage 0 and teaches nothing). Up to `dynamic_sampling` more rounds sample as
+        many prompts again, drawn at random (seeded by the rollout's position and the round), until the
+        micro-batch's count of groups is kept; with none kept, the first round stays (a step without gradient).
+        The reward metrics cover every sampled group (the policy's reward on the prompts), with the rounds used
+        and the share of groups kept."""
+        g, want = self.sampling.group_size, len(rows) // self.sampling.group_size
+        sampled = [(rows, total, per_function)]
+        kept: list[tuple[list, torch.Tensor]] = []
+        for round_ in range(self.dynamic_sampling + 1):
+            if round_:
+                pick = np.random.default_rng([self.seed, source, round_]).choice(
+                    len(self.data.records), size=min(want, len(self.data.records)), replace=False)
+                sampled.append(self._sample_and_score([int(i) for i in pick], source, round_))
+            r_rows, r_total, _ = sampled[-1]
+            for j in range(0, len(r_rows), g):
+                if r_total[j:j + g].max() > r_total[j:j + g].min():
+                    kept.append((r_rows[j:j + g], r_total[j:j + g]))
+            if len(kept) >= want:
+                break
+        metrics = _reward_metrics(torch.cat([t for _, t, _ in sampled]),
+                                  {n: torch.cat([f[n] for _, _, f in sampled]) for n in per_function}, g,
+                                  [c for r, _, _ in sampled for _, c in r])
+        metrics["sampling_rounds"] = float(len(sampled))
+        metrics["groups_kept"] = len(kept) * g / sum(len(r) for r, _, _ in sampled)
+        if not kept:
+            return rows, total, metrics
+        kept = kept[:want]
+        return [row for r, _ in kept for row in r], torch.cat([t for _, t in kept]), metrics
+
+    def _sample_and_score(self, prompt_index: list[int], source: int, round_: int = 0):
+        """(rows: [(record, completion)], total rewards (N,), {function: rewards (N,)}) of `group_size` samples
+        per prompt, seeded by the rollout's data position (and the dynamic-sampling round after the first)."""
         s = self.sampling
         records = [self.data.records[i] for i in prompt_index]
-        seed = int(np.random.SeedSequence([self.seed, source]).generate_state(1, np.uint64)[0] >> 1)
+        entropy = [self.seed, source] + ([round_] if round_ else [])
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
         from ..infer.engine import Engine
         # A fresh engine per rollout: fused AdamW updates weights without bumping the version counters a
         # long-lived engine's fused decode cache watches, so a kept engine could sample from stale weights.
@@ -183,7 +219,7 @@ class GRPO:
         total, per_function = self.data.rewards.score(
             [r.prompt for r, _ in rows], [c.text for _, c in rows], [r.answer for r, _ in rows],
             [len(c.token_ids) for _, c in rows])
-        return rows, gen, total, per_function
+        return rows, total, per_function
 
     def _sampling_model(self) -> torch.nn.Module:
         """The policy, or a copy of its weights in the sampling dtype (bf16 decodes about twice as fast on a
@@ -229,7 +265,8 @@ def _training_rows(prompts: list[list[int]], completions: list[list[int]], devic
     return ids.to(device), positions.to(device), targets.to(device), mask.to(device)
 
 
-def _reward_metrics(total: torch.Tensor, per_function: dict[str, torch.Tensor], group_size: int, gen) -> dict:
+def _reward_metrics(total: torch.Tensor, per_function: dict[str, torch.Tensor], group_size: int,
+                    completions: list) -> dict:
     """TRL's names: reward and reward_std (mean over groups of the group's std), per-function mean and std,
     completion lengths and the share cut at max_new_tokens."""
     groups = total.view(-1, group_size)
@@ -238,9 +275,9 @@ def _reward_metrics(total: torch.Tensor, per_function: dict[str, torch.Tensor], 
     for name, values in per_function.items():
         metrics[f"rewards/{name}/mean"] = float(values.mean())
         metrics[f"rewards/{name}/std"] = float(values.std()) if values.numel() > 1 else 0.0
-    lengths = torch.tensor([len(c.token_ids) for c in gen.completions], dtype=torch.float32)
+    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
     metrics["completions/mean_length"] = float(lengths.mean())
-    metrics["completions/clipped_ratio"] = float(np.mean([c.finish_reason == "length" for c in gen.completions]))
+    metrics["completions/clipped_ratio"] = float(np.mean([c.finish_reason == "length" for c in completions]))
     return metrics
 
 

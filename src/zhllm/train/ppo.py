@@ -137,11 +137,12 @@ class PPO(GRPO):
 
     def _rollout(self, prompt_index: list[int], source: int, group: int) -> Rollout:
         p = self.p
-        rows, gen, total, per_function = self._sample_and_score(prompt_index, source)
+        rows, total, per_function = self._sample_and_score(prompt_index, source)
         ids, positions, targets, mask = _training_rows([r.ids for r, _ in rows], [c.token_ids for _, c in rows],
                                                        self.device)
         rollout = Rollout(ids, positions, targets, mask, advantages=torch.empty(0), group=group,
-                          metrics=_reward_metrics(total, per_function, self.sampling.group_size, gen))
+                          metrics=_reward_metrics(total, per_function, self.sampling.group_size,
+                                                         [c for _, c in rows]))
         with torch.no_grad():
             logits, values = self.both(ids, with_values=True, logits_at=positions)
             rollout.old_logps = self._logps_of(logits, rollout)[0]
