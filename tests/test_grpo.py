@@ -149,6 +149,16 @@ def test_ppo_epochs_passes_read_the_same_prompts(tiny_model_dir):
     assert [s["rollout"].tolist() for s in steps] == [[2, 0, 0], [2, 1, 0], [6, 0, 1], [6, 1, 1]]
 
 
+def test_dynamic_sampling_through_the_cli_samples_more_rounds(tmp_path, tiny_model_dir, prompts_file):
+    """A random model never answers 7: every group agrees, so each step uses all its rounds."""
+    torch.set_num_threads(1)
+    out = tmp_path / "dyn"
+    assert main(["grpo", "--config", "tiny", *[a for s in sets(tiny_model_dir, prompts_file, out, "train.max_steps=2",
+                                                                  "grpo.dynamic_sampling=2") for a in ("--set", s)]]) == 0
+    rs = records(out)
+    assert [r["sampling_rounds"] for r in rs] == [3, 3] and [r["groups_kept"] for r in rs] == [0, 0]
+
+
 def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ():
     """Round 0 has one informative group of two; the next rounds are drawn at random and seeded, and sampling
     stops once the micro-batch's two groups are kept. Metrics cover every sampled group."""
