@@ -386,6 +386,25 @@ def test_muon_resumes_exactly(tmp_path, train):
     assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), resumed.model.parameters()))
 
 
+def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):
+    from zhllm.model.io import load_model
+    make_trainer(tmp_path, optimizer="adamw", max_steps=3).fit()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_3"
+    data = RandomWindows(16)
+
+    def resume():
+        return Trainer(tiny_run(tmp_path, optimizer="muon", max_steps=6), CausalLM(),
+                       load_model(ckpt, dtype=torch.float32, train=True), data, data, resume_dir=ckpt, dist=Dist(),
+                       echo=lambda *_: None)
+    with pytest.raises(ZhllmError, match="trained with train.optimizer=adamw, the recipe now asks for muon"):
+        resume()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["optimizer"]  # a checkpoint from before the state recorded it
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ZhllmError, match="optimizer state does not fit this run's optimizer"):
+        resume()
+
+
 def test_mfu_over_100_percent_remeasures_the_cpu_peak(tmp_path, monkeypatch):
     """A peak measured while the host was slow would report MFU above 100% for the whole run."""
     import zhllm.train.metrics as metrics

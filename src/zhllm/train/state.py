@@ -40,6 +40,7 @@ class TrainerState:
     val_loss: float | None = None  # last eval
     best_val_loss: float | None = None
     precision: str | None = None   # what the run trains in (train.precision auto is resolved once, at start)
+    optimizer: str | None = None   # train.optimizer: its state only loads into the same kind
     rng: dict = field(default_factory=dict)
 
     def to_json(self) -> str:

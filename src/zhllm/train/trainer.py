@@ -74,7 +74,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.autocast = self._autocast()
         self.scaler = torch.amp.GradScaler(self.d.device.type) if t.precision == "fp16" else None
-        self.state = TrainerState(precision=t.precision)
+        self.state = TrainerState(precision=t.precision, optimizer=t.optimizer)
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * self.d.world
         self.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.max_tokens / self.tokens_per_step)
         self.stop_requested = False
@@ -126,11 +126,21 @@ class Trainer:
         return torch.autocast(self.d.device.type, dtype=dtype)
 
     def _resume(self, ckpt: Path, state: TrainerState) -> None:
+        t = self.cfg.train
+        if state.optimizer is not None and state.optimizer != t.optimizer:
+            raise ZhllmError(f"{ckpt}: the run was trained with train.optimizer={state.optimizer}, the recipe now "
+                             f"asks for {t.optimizer}; resume with {state.optimizer}, or start a new run from this "
+                             "checkpoint's weights (model.init_from) to switch")
         self.state = state
         optim_sd = load_optimizer_state(ckpt)
-        par.load_optimizer_full(self.wrapped, self.optimizer, optim_sd, positional=self._positional_names())
+        try:
+            par.load_optimizer_full(self.wrapped, self.optimizer, optim_sd, positional=self._positional_names())
+        except (KeyError, ValueError, RuntimeError) as e:  # a state saved under other optimizer settings
+            raise ZhllmError(f"{ckpt}: its optimizer state does not fit this run's optimizer ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else e!r}); resume with the settings it was saved "
+                             "with (train.optimizer, train.bf16_weights, train.zero1)") from None
         restore_rng(self.state.rng)
-        self.state.precision = self.cfg.train.precision
+        self.state.precision, self.state.optimizer = t.precision, t.optimizer
         self.echo(f"resumed from {ckpt} at step {self.state.step} (data position {self.state.data_position})")
 
     # ---- one optimizer step ----
