@@ -154,6 +154,26 @@ def test_a_transformers_model_decodes_without_a_cache(lively_dir, engine):
                                                      abs=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["fused", "lora", "transformers"])
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively_dir, engine, kind):
+    """Finished rows are dropped from the running batch (each session's `keep`): every row still decodes what
+    it decodes alone, cut at its stop token, on the fused, the cached (LoRA) and the uncached path."""
+    if kind == "lora":
+        engine = Engine(lora_pair()[0])
+    elif kind == "transformers":
+        from transformers import AutoModelForCausalLM
+        engine = Engine(AutoModelForCausalLM.from_pretrained(str(lively_dir), dtype=torch.float32).eval())
+    alone = greedy_ids(engine, PROMPTS, 12)
+    stop = alone[1][2]
+    got = [c.token_ids for c in engine.generate_batch(PROMPTS * 2, max_new_tokens=12,
+                                                      stop_token_ids=[stop]).completions]
+    assert got == [a[:a.index(stop) + 1] if stop in a else a for a in alone * 2]
+    assert len(got[1]) == 3 and max(map(len, got)) == 12  # two of six rows left at step 3, others went on
+    sampled = engine.generate_batch(PROMPTS * 2, max_new_tokens=12, stop_token_ids=[stop], temperature=1.0, seed=3)
+    again = engine.generate_batch(PROMPTS * 2, max_new_tokens=12, stop_token_ids=[stop], temperature=1.0, seed=3)
+    assert [c.token_ids for c in sampled.completions] == [c.token_ids for c in again.completions]
+
+
 FSDP_SCRIPT = """
 import os, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard

@@ -8,6 +8,7 @@ The engine picks one of three per model (`decode_session`):
 - `UncachedSession`: any other causal LM taking `input_ids`, `attention_mask`, `position_ids` (a transformers
   model): the full forward every step, slow but correct.
 Rows are left-padded: `key_mask` (B, capacity) is True on every real prompt token and every generated one.
+`keep(rows)` drops the other rows (finished ones) from a session, so they cost nothing in later steps.
 """
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ class FusedSession:
         self.positions += 1
         return logits
 
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache, self.positions = self.cache.select(rows), self.positions[rows]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[rows]
+            self.step_mask = self.key_mask[:, None, None, :]
+
 
 class CachedSession:
     def __init__(self, model: Transformer, key_mask: torch.Tensor | None, lens: list[int], capacity: int):
@@ -89,6 +96,11 @@ class CachedSession:
         self.cache.length = n + 1
         return logits
 
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache, self.batch = self.cache.select(rows), len(rows)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[rows]
+
 
 class UncachedSession:
     def __init__(self, model: nn.Module, key_mask: torch.Tensor | None, lens: list[int], capacity: int):
@@ -110,6 +122,11 @@ class UncachedSession:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
         return self._logits()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.ids = self.ids[rows]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[rows]
 
 
 def decode_session(model: nn.Module, fused: FusedDecoderCache | None, key_mask: torch.Tensor | None,

@@ -293,17 +293,30 @@ class Engine:
                 generator.manual_seed(params.seed)
             else:
                 generator.seed()
+        alive = list(range(len(prompts)))  # the prompt row of each row the session still decodes
         for step in range(max_new):
             with self._lock, self._no_grad():
                 tokens, logprobs = sample_next(logits, params, seen, generator, with_logprobs)
                 token_list = tokens.tolist()
                 logprob_list = logprobs.tolist() if logprobs is not None else None
+            if len(alive) < len(prompts):  # dropped rows were finished: the caller ignores what they get
+                token_list = _scatter(token_list, alive, len(prompts), self.pad_id)
+                logprob_list = _scatter(logprob_list, alive, len(prompts), 0.0) if logprob_list else None
             yield token_list, logprob_list
             if all(finished) or step == max_new - 1:
                 return
             with self._lock, self._no_grad():
                 if seen is not None:
                     seen.scatter_(1, tokens[:, None], True)
+                still = [i for i, r in enumerate(alive) if not finished[r]]
+                # Finished rows leave the batch once they are a quarter of it: a batch of sampled answers runs
+                # as long as its longest, and its short rows would otherwise ride along to the end.
+                if len(still) <= len(alive) * 3 // 4:
+                    keep = torch.tensor(still, device=tokens.device)
+                    session.keep(keep)
+                    tokens = tokens[keep]
+                    seen = seen[keep] if seen is not None else None
+                    alive = [alive[i] for i in still]
                 logits = session.step(tokens)
 
     # ---- helpers ----
@@ -336,3 +349,11 @@ class Engine:
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             raise ZhllmError(f"continuation token id outside the model's vocabulary ({self.vocab_size})")
         return ids
+
+
+def _scatter(values: list, rows: list[int], n: int, fill) -> list:
+    """`values` of `rows` spread into a list of `n`, `fill` elsewhere."""
+    out = [fill] * n
+    for r, v in zip(rows, values):
+        out[r] = v
+    return out

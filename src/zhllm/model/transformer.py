@@ -85,6 +85,10 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """The cache of only these batch rows (a copy), at the same length."""
+        return KVCache(self.k[:, rows], self.v[:, rows], self.length)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
