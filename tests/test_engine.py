@@ -159,6 +159,7 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively
     """Finished rows are dropped from the running batch (each session's `keep`): every row still decodes what
     it decodes alone, cut at its stop token, on the fused, the cached (LoRA) and the uncached path."""
     if kind == "lora":
+        torch.manual_seed(0)  # peft draws lora_A from the global generator
         engine = Engine(lora_pair()[0])
     elif kind == "transformers":
         from transformers import AutoModelForCausalLM
@@ -168,10 +169,15 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively
     got = [c.token_ids for c in engine.generate_batch(PROMPTS * 2, max_new_tokens=12,
                                                       stop_token_ids=[stop]).completions]
     assert got == [a[:a.index(stop) + 1] if stop in a else a for a in alone * 2]
-    assert len(got[1]) == 3 and max(map(len, got)) == 12  # two of six rows left at step 3, others went on
-    sampled = engine.generate_batch(PROMPTS * 2, max_new_tokens=12, stop_token_ids=[stop], temperature=1.0, seed=3)
-    again = engine.generate_batch(PROMPTS * 2, max_new_tokens=12, stop_token_ids=[stop], temperature=1.0, seed=3)
-    assert [c.token_ids for c in sampled.completions] == [c.token_ids for c in again.completions]
+    assert min(map(len, got)) <= 3 and max(map(len, got)) == 12  # two of six rows left by step 3, others went on
+    # sampled: each row draws what it draws when no row stops (its uniforms do not depend on the others)
+    free = [c.token_ids for c in engine.generate_batch(PROMPTS * 2, max_new_tokens=12, stop_token_ids=[],
+                                                       temperature=1.0, seed=3).completions]
+    stop = free[1][2]
+    got = [c.token_ids for c in engine.generate_batch(PROMPTS * 2, max_new_tokens=12, stop_token_ids=[stop],
+                                                      temperature=1.0, seed=3).completions]
+    assert got == [a[:a.index(stop) + 1] if stop in a else a for a in free]
+    assert min(map(len, got)) <= 3 and max(map(len, got)) == 12
 
 
 FSDP_SCRIPT = """

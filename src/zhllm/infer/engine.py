@@ -294,9 +294,11 @@ class Engine:
             else:
                 generator.seed()
         alive = list(range(len(prompts)))  # the prompt row of each row the session still decodes
+        alive_ids = None
         for step in range(max_new):
             with self._lock, self._no_grad():
-                tokens, logprobs = sample_next(logits, params, seen, generator, with_logprobs)
+                rows = (len(prompts), alive_ids) if len(alive) < len(prompts) else None
+                tokens, logprobs = sample_next(logits, params, seen, generator, with_logprobs, rows)
                 token_list = tokens.tolist()
                 logprob_list = logprobs.tolist() if logprobs is not None else None
             if len(alive) < len(prompts):  # dropped rows were finished: the caller ignores what they get
@@ -317,6 +319,7 @@ class Engine:
                     tokens = tokens[keep]
                     seen = seen[keep] if seen is not None else None
                     alive = [alive[i] for i in still]
+                    alive_ids = torch.tensor(alive, device=tokens.device)
                 logits = session.step(tokens)
 
     # ---- helpers ----

@@ -64,19 +64,25 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None, rows: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """One token per row of (B, V) probabilities, by inverting each row's CDF at a uniform draw: exact, and
     several times faster than torch.multinomial on a CPU (whose exponential draws cost one per vocabulary entry
-    and row). A zero-probability token (filtered by top-k/top-p) is never chosen: its CDF step is empty."""
+    and row). A zero-probability token (filtered by top-k/top-p) is never chosen: its CDF step is empty.
+
+    rows = (batch, indices): these B rows are those indices of a batch whose finished rows have left; the
+    uniforms are drawn for the whole batch, so a row samples the same tokens however early the others finish."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    n = rows[0] if rows is not None else probs.shape[0]
+    u = torch.rand(n, 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    u = (u[rows[1]] if rows is not None else u) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                generator: torch.Generator | None,
-                with_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, V) logits of the last position -> ((B,) chosen token ids, (B,) their log-probs or None).
+                generator: torch.Generator | None, with_logprobs: bool = False,
+                rows: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, V) logits of the last position -> ((B,) chosen token ids, (B,) their log-probs or None); `rows`: as
+    `draw`'s, when these are the rows left of a larger batch.
 
     The log-prob is that of the distribution the token was drawn from (after repetition penalty, temperature,
     top-k and top-p); a greedy choice reports the model's own log-prob (temperature 1, after the penalty).
@@ -88,7 +94,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
         tokens = logits.argmax(-1)
     else:
         logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
-        tokens = draw(logits.softmax(-1), generator)
+        tokens = draw(logits.softmax(-1), generator, rows)
     if not with_logprobs:
         return tokens, None
     return tokens, logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
