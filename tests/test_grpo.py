@@ -153,8 +153,8 @@ def test_dynamic_sampling_through_the_cli_samples_more_rounds(tmp_path, tiny_mod
     """A random model never answers 7: every group agrees, so each step uses all its rounds."""
     torch.set_num_threads(1)
     out = tmp_path / "dyn"
-    assert main(["grpo", "--config", "tiny", *[a for s in sets(tiny_model_dir, prompts_file, out, "train.max_steps=2",
-                                                                  "grpo.dynamic_sampling=2") for a in ("--set", s)]]) == 0
+    overrides = sets(tiny_model_dir, prompts_file, out, "train.max_steps=2", "grpo.dynamic_sampling=2")
+    assert main(["grpo", "--config", "tiny", *[a for s in overrides for a in ("--set", s)]]) == 0
     rs = records(out)
     assert [r["sampling_rounds"] for r in rs] == [3, 3] and [r["groups_kept"] for r in rs] == [0, 0]
 

@@ -294,14 +294,13 @@ class Engine:
             else:
                 generator.seed()
         alive = list(range(len(prompts)))  # the prompt row of each row the session still decodes
-        alive_ids = None
+        rows = None  # (batch, alive as a tensor) once finished rows have left
         for step in range(max_new):
             with self._lock, self._no_grad():
-                rows = (len(prompts), alive_ids) if len(alive) < len(prompts) else None
                 tokens, logprobs = sample_next(logits, params, seen, generator, with_logprobs, rows)
                 token_list = tokens.tolist()
                 logprob_list = logprobs.tolist() if logprobs is not None else None
-            if len(alive) < len(prompts):  # dropped rows were finished: the caller ignores what they get
+            if rows is not None:  # dropped rows were finished: the caller ignores what they get
                 token_list = _scatter(token_list, alive, len(prompts), self.pad_id)
                 logprob_list = _scatter(logprob_list, alive, len(prompts), 0.0) if logprob_list else None
             yield token_list, logprob_list
@@ -319,7 +318,7 @@ class Engine:
                     tokens = tokens[keep]
                     seen = seen[keep] if seen is not None else None
                     alive = [alive[i] for i in still]
-                    alive_ids = torch.tensor(alive, device=tokens.device)
+                    rows = (len(prompts), torch.tensor(alive, device=tokens.device))
                 logits = session.step(tokens)
 
     # ---- helpers ----

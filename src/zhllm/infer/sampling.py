@@ -64,7 +64,8 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None, rows: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None,
+         rows: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """One token per row of (B, V) probabilities, by inverting each row's CDF at a uniform draw: exact, and
     several times faster than torch.multinomial on a CPU (whose exponential draws cost one per vocabulary entry
     and row). A zero-probability token (filtered by top-k/top-p) is never chosen: its CDF step is empty.

@@ -140,9 +140,8 @@ class PPO(GRPO):
         rows, total, per_function = self._sample_and_score(prompt_index, source)
         ids, positions, targets, mask = _training_rows([r.ids for r, _ in rows], [c.token_ids for _, c in rows],
                                                        self.device)
-        rollout = Rollout(ids, positions, targets, mask, advantages=torch.empty(0), group=group,
-                          metrics=_reward_metrics(total, per_function, self.sampling.group_size,
-                                                         [c for _, c in rows]))
+        metrics = _reward_metrics(total, per_function, self.sampling.group_size, [c for _, c in rows])
+        rollout = Rollout(ids, positions, targets, mask, advantages=torch.empty(0), group=group, metrics=metrics)
         with torch.no_grad():
             logits, values = self.both(ids, with_values=True, logits_at=positions)
             rollout.old_logps = self._logps_of(logits, rollout)[0]
