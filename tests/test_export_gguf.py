@@ -81,11 +81,24 @@ def _zhllm_greedy(model_dir, ids: list[int], n: int) -> tuple[np.ndarray, list[i
     return prompt_logits, seq[len(ids):]
 
 
-def _llama(path):
+@pytest.fixture
+def llama_at(monkeypatch):
+    """Opens a GGUF file in llama.cpp."""
     llama_cpp = _llama_cpp()
+    # No extra buffer types: on CPUs with AMX, llama.cpp moves q8_0 weights into its AMX buffers, whose matmul
+    # segfaults on this file (ggml-org/llama.cpp#20824) and takes the whole test run with it. The plain CPU path
+    # reads the same file; `use_extra_bufts` is not a Llama() argument, so its default is changed.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers)
     # an f32 KV cache (llama.cpp's default is f16), so an f32 file is compared with zhllm's f32 arithmetic
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, logits_all=True,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    return lambda path: llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, logits_all=True,
+                                        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                                        verbose=False)
 
 
 def _llama_logits(llm, ids: list[int]) -> np.ndarray:
@@ -105,11 +118,11 @@ def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("arch,kind,tol", [("llama", "f32", 1e-4), ("qwen2", "f32", 1e-4), ("llama", "f16", 2e-2)])
-def test_llama_cpp_logits_and_greedy_tokens_equal_zhllm(models, files, arch, kind, tol):
+def test_llama_cpp_logits_and_greedy_tokens_equal_zhllm(models, files, llama_at, arch, kind, tol):
     ids = _prompt_ids(models[arch])
     want_logits, want_tokens = _zhllm_greedy(models[arch], ids, N_NEW)
     assert len(set(want_tokens)) > 3  # a lively model, not one repeated token
-    llm = _llama(files[arch, kind])
+    llm = llama_at(files[arch, kind])
     got = _llama_logits(llm, ids)
     assert got.shape == want_logits.shape
     scale = np.abs(want_logits).max()
@@ -118,13 +131,13 @@ def test_llama_cpp_logits_and_greedy_tokens_equal_zhllm(models, files, arch, kin
 
 
 @pytest.mark.parametrize("arch,kind,tol", [("llama", "q8_0", 1e-1), ("qwen2", "bf16", 1e-1)])
-def test_rounded_files_give_the_same_greedy_tokens_on_most_steps(models, files, arch, kind, tol):
+def test_rounded_files_give_the_same_greedy_tokens_on_most_steps(models, files, llama_at, arch, kind, tol):
     """bf16 keeps 8 bits of mantissa and q8_0 about as many: near-ties of these random models flip (7 to 12 of
     12 steps agreed over 16 seeds), so most steps, not all; a wrong layout agrees on next to none."""
     ids = _prompt_ids(models[arch])
     want_logits, want = _zhllm_greedy(models[arch], ids, 2 * N_NEW)
     # teacher-forced on zhllm's continuation, so one early disagreement does not derail every later step
-    got = _llama_logits(_llama(files[arch, kind]), ids + want)
+    got = _llama_logits(llama_at(files[arch, kind]), ids + want)
     assert np.abs(got[:len(ids)] - want_logits).max() <= tol * np.abs(want_logits).max()
     agree = sum(int(g) == w for g, w in zip(got.argmax(-1)[len(ids) - 1:-1], want))
     assert agree > len(want) / 2, (agree, want)
@@ -132,20 +145,20 @@ def test_rounded_files_give_the_same_greedy_tokens_on_most_steps(models, files, 
 
 @pytest.mark.parametrize("over", [{"attention_bias": True, "mlp_bias": True},
                                   {"rope_scaling": {"type": "linear", "factor": 2.0}}], ids=["llama-biases", "linear-rope"])
-def test_llama_cpp_logits_for_llama_biases_and_linear_rope(tokenizer_dir, tmp_path, over):
+def test_llama_cpp_logits_for_llama_biases_and_linear_rope(tokenizer_dir, tmp_path, llama_at, over):
     cfg = model_config_from("tiny", {"init_std": 0.3, "vocab_size": len(load_tokenizer(tokenizer_dir)), **over})
     model = _random_biases(new_model(cfg, seed=2))
     model_dir = save_model(model, tmp_path / "m", tokenizer=tokenizer_dir)
     ids = list(range(20, 80))
     with torch.no_grad():
         want = model(torch.tensor([ids]))[0].numpy()
-    got = _llama_logits(_llama(export_gguf(model_dir, tmp_path / "m.gguf", type="f32").path), ids)
+    got = _llama_logits(llama_at(export_gguf(model_dir, tmp_path / "m.gguf", type="f32").path), ids)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
-def test_llama_cpp_tokenizer_gives_our_ids_with_special_tokens(models, files):
+def test_llama_cpp_tokenizer_gives_our_ids_with_special_tokens(models, files, llama_at):
     tok = load_tokenizer(models["llama"])
-    llm = _llama(files["llama", "f16"])
+    llm = llama_at(files["llama", "f16"])
     control = {tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
     for text in TOKENIZER_TEXTS:
         want = tok.encode(text, add_special_tokens=False)
