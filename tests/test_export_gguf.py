@@ -83,7 +83,7 @@ def _zhllm_greedy(model_dir, ids: list[int], n: int) -> tuple[np.ndarray, list[i
 
 @pytest.fixture
 def llama_at(monkeypatch):
-    """Opens a GGUF file in llama.cpp."""
+    """A function that opens a GGUF file in llama.cpp."""
     llama_cpp = _llama_cpp()
     # No extra buffer types: on CPUs with AMX, llama.cpp moves q8_0 weights into its AMX buffers, whose matmul
     # segfaults on this file (ggml-org/llama.cpp#20824) and takes the whole test run with it. The plain CPU path
