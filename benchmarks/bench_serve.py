@@ -9,6 +9,9 @@ C * per_client requests). Reported per level: output tokens/s (all tokens / wall
 first streamed token and p50/p95 request latency, and the speed-up over one-at-a-time serving (the same
 requests sent sequentially, `--baseline-requests` of them).
 
+Then `n` choices of one long prompt (`--choices`, a single request with `n`, whose prompt is prefilled once)
+against as many concurrent requests for different prompts of the same length (each prefilled on its own).
+
     python benchmarks/bench_serve.py                    # 26m preset, 64 new tokens
     python benchmarks/bench_serve.py --preset tiny --quick
 """
@@ -114,6 +117,22 @@ async def run_level(url: str, prompts: list[str], clients: int, per_client: int,
             "ttft50": pct(ttfts, 50), "ttft95": pct(ttfts, 95), "lat50": pct(lats, 50), "lat95": pct(lats, 95)}
 
 
+async def run_choices(url: str, prompts: list[str], new_tokens: int) -> dict:
+    """Wall time of one request for len(prompts) choices of prompts[0], and of len(prompts) concurrent
+    requests, one per prompt."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def post(prompt: str, n: int) -> None:
+            body = {"prompt": prompt, "max_tokens": new_tokens, "n": n, "temperature": 0.8, "seed": 1}
+            (await client.post("/v1/completions", json=body)).raise_for_status()
+        start = time.perf_counter()
+        await post(prompts[0], len(prompts))
+        shared = time.perf_counter() - start
+        start = time.perf_counter()
+        await asyncio.gather(*(post(p, 1) for p in prompts))
+        separate = time.perf_counter() - start
+    return {"shared": shared, "separate": separate}
+
+
 def pct(values, q: int) -> float:
     values = sorted(values)
     if len(values) == 1:
@@ -132,6 +151,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantize", default="none", choices=["none", "int8"])
     ap.add_argument("--quick", action="store_true", help="levels 1,4,16; 1 request per client; 4 baseline requests")
+    ap.add_argument("--choices", type=int, default=8, help="n of the one-prompt, n-choices request (0: skip)")
+    ap.add_argument("--choice-chars", type=int, default=800, help="characters of that prompt")
     args = ap.parse_args()
     if args.quick:
         args.levels, args.per_client, args.baseline_requests = "1,4,16", 1, 4
@@ -147,6 +168,8 @@ def main() -> None:
             asyncio.run(run_level(url, prompts, 2, 1, 8))  # warm-up: fused weights, allocator, connections
             base = asyncio.run(run_level(url, prompts, 1, args.baseline_requests, args.new_tokens))
             rows = [asyncio.run(run_level(url, prompts, c, args.per_client, args.new_tokens)) for c in levels]
+            long_prompts = ["".join(texts[i::args.choices])[:args.choice_chars] for i in range(args.choices)]
+            choices = asyncio.run(run_choices(url, long_prompts, 8)) if args.choices > 1 else None
         finally:
             proc.terminate()
             proc.wait(60)
@@ -159,6 +182,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.1f}x | "
               f"{r['ttft50'] * 1000:.0f} ms | {r['ttft95'] * 1000:.0f} ms | {r['lat50']:.2f} s | {r['lat95']:.2f} s |")
+    if choices is not None:
+        print(f"\n{args.choices} choices of one {args.choice_chars}-character prompt (8 new tokens each): one request "
+              f"with n={args.choices} {choices['shared']:.2f} s, {args.choices} concurrent requests for different "
+              f"prompts of that length {choices['separate']:.2f} s ({choices['separate'] / choices['shared']:.1f}x)")
     at16 = [r for r in rows if r["clients"] == 16]
     if at16:
         ratio = at16[0]["tok_s"] / base["tok_s"]

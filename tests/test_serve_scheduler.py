@@ -141,3 +141,31 @@ def test_a_short_row_next_to_a_long_one_ignores_what_fresh_slots_held(engine, mo
         scheduler.stop()
     assert short.text == engine.generate("今天", temperature=0, max_new_tokens=12)
     assert long.text == engine.generate("机器学习是人工智能的一个分支", temperature=0, max_new_tokens=12)
+
+
+def test_requests_with_the_same_prompt_share_one_prefill(engine):
+    """An API request's n choices: the prompt is prefilled once, and each choice still decodes what it decodes
+    alone (its own seed)."""
+    prompt = "机器学习是人工智能的一个分支，研究计算机怎样从数据中学习。"
+    cases = [(prompt, dict(temperature=0.9, seed=1, max_new_tokens=10)),
+             (prompt, dict(temperature=0.9, seed=2, max_new_tokens=10)),
+             (prompt, dict(temperature=0, max_new_tokens=10)),
+             ("今天天气", dict(temperature=0, max_new_tokens=10))]
+    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=8)
+    prefilled = []
+    real_chunk = scheduler._prefill_chunk
+    scheduler._prefill_chunk = lambda budget: prefilled.append(real_chunk(budget)) or prefilled[-1]
+    scheduler.start()
+    try:
+        sinks = [Collector() for _ in cases]
+        scheduler.submit([request(engine, p, s, **kw) for (p, kw), s in zip(cases, sinks)])
+        for s in sinks:
+            assert s.finished.wait(30)
+    finally:
+        scheduler.stop()
+    texts = [s.text for s in sinks]
+    assert texts == [engine.generate(p, **kw) for p, kw in cases]
+    assert texts[0] != texts[1]  # the seeds differ, so the shared logits were not consumed by the first row
+    ids = [encode_prompt(engine.tokenizer, p) for p in (prompt, "今天天气")]
+    assert sum(prefilled) == len(ids[0]) + len(ids[1])
+    assert [s.done.prompt_tokens for s in sinks] == [len(ids[0])] * 3 + [len(ids[1])]

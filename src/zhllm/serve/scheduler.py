@@ -5,7 +5,8 @@ parameters, stop conditions, generator and KV-cache slot. The cache is prealloca
 (`KVCache`); running requests occupy rows 0..n-1 so that a step attends over a plain slice, and a request that
 leaves has the last row's keys moved into its slot. A new prompt is prefilled on its own, in chunks of at most
 `prefill_chunk` tokens per scheduler iteration with a decode step for the running rows after each, so a long
-prompt does not stall the streams already running; its keys are then copied into a free slot.
+prompt does not stall the streams already running; its keys are then copied into a free slot, and into one
+for each request queued right behind it with the same prompt (an API request's `n` choices).
 
 Each token goes through the same path as `Engine.stream` (sample_next on the row's logits, stop ids, then
 `TextStream` for stop strings and whole characters), so a greedy answer equals `zhllm generate`'s.
@@ -235,8 +236,13 @@ class Scheduler:
                                                              self.engine.dtype, self.engine.device))
             budget -= self._prefill_chunk(budget)
             if self._prefill.done == len(self._prefill.req.prompt_ids):
-                self._start_row(self._prefill)
-                self._prefill = None
+                prefilled, self._prefill = self._prefill, None
+                self._start_row(prefilled.req, prefilled)
+                # The n choices of one API request (or clients asking the same thing) arrive as requests with
+                # the same prompt: they start from this prefill's keys instead of computing them again.
+                while (self._waiting and len(self._rows) < self.max_batch
+                       and self._waiting[0].prompt_ids == prefilled.req.prompt_ids):
+                    self._start_row(self._waiting.popleft(), prefilled)
         if self._rows:
             self._decode_step()
 
@@ -250,12 +256,13 @@ class Scheduler:
             p.logits = self.module.lm_head(hidden[:, -1])
         return len(ids)
 
-    def _start_row(self, p: _Prefill) -> None:
+    def _start_row(self, req: Request, p: _Prefill) -> None:
+        """Run `req` in the next free slot from prefill `p` (of `req`'s prompt: its keys and last logits)."""
         with self._pending_lock:
             self._pending -= 1
             self.metrics.queue_depth = self._pending
-        row = _Row(p.req, self.engine, self.vocab, self.engine.device)
-        slot, n = len(self._rows), len(p.req.prompt_ids)
+        row = _Row(req, self.engine, self.vocab, self.engine.device)
+        slot, n = len(self._rows), len(req.prompt_ids)
         self._cache.k[:, slot, :, :n] = p.cache.k[:, 0]
         self._cache.v[:, slot, :, :n] = p.cache.v[:, 0]
         self._rows.append(row)
