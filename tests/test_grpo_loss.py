@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from zhllm.errors import ZhllmError
-from zhllm.train.grpo_loss import group_advantages, grpo_loss, k3_kl
+from zhllm.train import grpo_loss as grpo_loss_module
+from zhllm.train.grpo_loss import group_advantages, grpo_loss, k3_kl, token_logps_and_entropy
 
 G = 3
 REWARDS = torch.tensor([1.0, 0.0, 0.5, 2.0, 2.0, 2.0])  # the second group all agrees: advantage 0
@@ -141,3 +142,30 @@ def test_bad_settings_are_clear_errors():
         grpo_loss(logps, logps, None, REWARDS, MASK, beta=0.1)
     with pytest.raises(ZhllmError, match="groups of 4"):
         group_advantages(REWARDS, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logps_and_entropy_equal_the_whole_tensor_formula(monkeypatch, dtype):
+    """Chunked (3 positions at a time here, so chunks split rows and end short): the same log-probs, entropies
+    and logit gradients as log_softmax over the whole tensor, and TRL's where it computes them."""
+    monkeypatch.setattr(grpo_loss_module, "ROWS_PER_CHUNK", 3)
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(4, 5, 11, generator=g) * 3).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 11, (4, 5), generator=g)
+    weights = torch.randn(4, 5, generator=g)
+    logps, entropy = token_logps_and_entropy(logits, targets, temperature=0.7)
+    (logps * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    whole = (logits.float() / 0.7).log_softmax(-1)
+    want_logps = whole.gather(-1, targets[..., None]).squeeze(-1)
+    (want_logps * weights).sum().backward()
+    assert torch.allclose(logps, want_logps, atol=1e-5)
+    assert torch.allclose(entropy, -(whole.exp() * whole).sum(-1).detach(), atol=1e-4)
+    assert torch.allclose(ours.float(), logits.grad.float(), atol=1e-5 if dtype == torch.float32 else 1e-2)
+    assert not entropy.requires_grad
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    with torch.no_grad():
+        assert torch.allclose(logps, trl_utils.selective_log_softmax(logits.float(), targets, temperature=0.7),
+                              atol=1e-5)
+        assert torch.allclose(entropy, trl_utils.entropy_from_logits(logits.float() / 0.7), atol=1e-4)
