@@ -157,6 +157,15 @@ def test_dynamic_sampling_through_the_cli_samples_more_rounds(tmp_path, tiny_mod
     assert main(["grpo", "--config", "tiny", *[a for s in overrides for a in ("--set", s)]]) == 0
     rs = records(out)
     assert [r["sampling_rounds"] for r in rs] == [3, 3] and [r["groups_kept"] for r in rs] == [0, 0]
+    # Tokens count what the update computed: 2 prompts x 4 samples, each row prompt + completion (1-3 tokens)
+    # padded to the longest; not train.batch_size x train.seq_len (2 x 64).
+    from zhllm.infer.prompts import encode_prompt
+    from zhllm.tokenizer.load import load_tokenizer
+    tokenizer = load_tokenizer(tiny_model_dir)
+    lengths = [len(encode_prompt(tokenizer, [{"role": "user", "content": q}])) for q in QUESTIONS]
+    steps = [rs[0]["tokens_seen"], rs[1]["tokens_seen"] - rs[0]["tokens_seen"]]
+    for tokens in steps:
+        assert tokens % 8 == 0 and min(lengths) + 1 <= tokens // 8 <= max(lengths) + 3, (tokens, lengths)
 
 
 def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ():

@@ -30,6 +30,7 @@ ROLLOUT_FILE = "grpo_rollouts.pt"
 @dataclass
 class GrpoOutput(LossOutput):
     metrics: dict[str, float] = field(default_factory=dict)  # per micro-batch means; the trainer averages them
+    tokens: int | None = None  # positions the update's forward computed (rows x width), not batch x seq_len
 
 
 @dataclass
@@ -124,7 +125,7 @@ class GRPO:
             metrics["kl"] = out.kl
         if pass_ == self.ppo_epochs - 1:
             self.buffer.pop(source, None)  # its last pass: nothing later needs it
-        return GrpoOutput(out.loss, 1.0, metrics)
+        return GrpoOutput(out.loss, 1.0, metrics, tokens=rollout.input_ids.numel())
 
     # ---- rollouts ----
     def _rollout_for(self, batch: dict, source: int, pass_: int, group: int) -> tuple[Rollout, float]:

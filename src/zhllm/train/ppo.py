@@ -179,7 +179,7 @@ class PPO(GRPO):
                    "entropy": float((entropy * m).sum() / m.sum().clamp(min=1)), "rollout_s": rollout_s * self.grad_accum}
         if pass_ == self.ppo_epochs - 1:
             self.buffer.pop(source, None)
-        return GrpoOutput(out.loss, 1.0, metrics)
+        return GrpoOutput(out.loss, 1.0, metrics, tokens=rollout.input_ids.numel())
 
 
 def ppo_objective(run: StageRun, model: nn.Module) -> PPO:

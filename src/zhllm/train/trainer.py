@@ -161,6 +161,7 @@ class Trainer:
         scale = self.d.world / global_weight  # DDP/FSDP average gradients over ranks
         loss_total = torch.zeros((), device=self.d.device, dtype=torch.float32)
         extra: dict[str, float] = {}  # an objective's own figures (LossOutput.metrics), sums over its units
+        tokens: list[int | None] = []  # what an objective's forward computed, when its rows are not seq_len long
         for m, batch in enumerate(batches):
             with par.no_sync(self.wrapped, m == len(batches) - 1), self.autocast, record_router_logits() as routed:
                 out = self.objective.loss(self.wrapped, batch)
@@ -173,6 +174,7 @@ class Trainer:
             loss = loss * scale
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += out.loss_sum.detach().float()
+            tokens.append(getattr(out, "tokens", None))
             for k, v in figures.items():
                 extra[k] = extra.get(k, 0.0) + v
         if self.scaler:
@@ -183,9 +185,11 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        sums = par.all_reduce_sum(self.d, [float(loss_total), *extra.values()])
+        counted = None not in tokens
+        sums = par.all_reduce_sum(self.d, [float(loss_total), float(sum(tokens)) if counted else 0.0, *extra.values()])
         loss_value = sums[0] / global_weight
-        extra = {k: v / global_weight for k, v in zip(extra, sums[1:])}
+        step_tokens = int(sums[1]) if counted else self.tokens_per_step
+        extra = {k: v / global_weight for k, v in zip(extra, sums[2:])}
         grad_norm = float(grad_norm)
         lr = lr_at(self.state.step, lr=t.lr, total_steps=self.max_steps, warmup_steps=t.warmup_steps,
                    schedule=t.schedule, min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
@@ -211,8 +215,8 @@ class Trainer:
                                  "(loss or gradients are inf/nan); lower train.lr, raise train.warmup_steps or use bf16/fp32")
         self.state.step += 1
         self.state.data_position += t.grad_accum * self.d.world * t.batch_size
-        self.state.tokens_seen += self.tokens_per_step
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "data_s": t_data,
+        self.state.tokens_seen += step_tokens
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "data_s": t_data, "tokens": step_tokens,
                 "step_s": time.perf_counter() - t0, "finite": finite, "metrics": extra}
 
     # ---- periodic work ----
@@ -283,14 +287,15 @@ class Trainer:
         bar = _progress(cfg.log.progress and self.d.is_main, self.max_steps, st.step)
         if bar is not None:
             logger.echo = bar.write
-        window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0, "metrics": {}}
+        window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0, "ran": 0, "metrics": {}}
         warming_up = True  # the first window holds kernel selection and compilation: no ETA from it
         saved_at = st.step if st.step else None
         t_start = time.perf_counter()
         try:
             while st.step < self.max_steps:
                 r = self.train_step()
-                window["tokens"] += self.tokens_per_step
+                window["tokens"] += r["tokens"]
+                window["ran"] += 1  # steps in the window, skipped ones too ("steps" counts the finite ones)
                 window["time"] += r["step_s"]
                 window["data"] += r["data_s"]
                 if r["finite"]:
@@ -309,13 +314,12 @@ class Trainer:
                            "data_share": window["data"] / max(window["time"], 1e-9),
                            "memory_gb": memory_gb(self.d.device), "tokens_seen": st.tokens_seen,
                            "skipped_steps": st.skipped_steps,
-                           "step_s": window["time"] / max(window["tokens"] / self.tokens_per_step, 1),
-                           "eta_s": None if warming_up else
-                           (self.max_steps - st.step) * window["time"] / max(window["tokens"] / self.tokens_per_step, 1)}
+                           "step_s": window["time"] / window["ran"],
+                           "eta_s": None if warming_up else (self.max_steps - st.step) * window["time"] / window["ran"]}
                     rec.update({k: v / max(window["steps"], 1) for k, v in window["metrics"].items()})
                     logger.log(rec, train_line(rec))
                     warming_up = False
-                    window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0, "metrics": {}}
+                    window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0, "ran": 0, "metrics": {}}
                 last = st.step == self.max_steps
                 if cfg.eval.every and (st.step % cfg.eval.every == 0 or last):
                     ev = self.evaluate()
