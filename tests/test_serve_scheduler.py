@@ -35,6 +35,19 @@ def request(engine, prompt, sink, **sampling):
     return Request(encode_prompt(engine.tokenizer, prompt), SamplingParams(**sampling), sink)
 
 
+def run_all(engine, scheduler, cases) -> list[Collector]:
+    """Start `scheduler`, submit one request per (prompt, sampling) case at once, wait for all, stop."""
+    scheduler.start()
+    try:
+        sinks = [Collector() for _ in cases]
+        scheduler.submit([request(engine, p, s, **kw) for (p, kw), s in zip(cases, sinks)])
+        for s in sinks:
+            assert s.finished.wait(30)
+    finally:
+        scheduler.stop()
+    return sinks
+
+
 def test_joining_and_leaving_rows_decode_what_the_engine_decodes(engine):
     cases = [("今天天气", dict(temperature=0, max_new_tokens=30)),
              ("机器学习是人工智能的一个分支，研究计算机怎样从数据中学习。", dict(temperature=0, max_new_tokens=9)),
@@ -44,14 +57,7 @@ def test_joining_and_leaving_rows_decode_what_the_engine_decodes(engine):
     # Two slots for five requests and 4-token prefill chunks: rows join a running batch at different
     # lengths, leave it in the middle, and long prompts are prefilled across iterations.
     scheduler = Scheduler(engine, max_batch=2, prefill_chunk=4)
-    scheduler.start()
-    try:
-        sinks = [Collector() for _ in cases]
-        scheduler.submit([request(engine, p, s, **kw) for (p, kw), s in zip(cases, sinks)])
-        for s in sinks:
-            assert s.finished.wait(30)
-    finally:
-        scheduler.stop()
+    sinks = run_all(engine, scheduler, cases)
     for (prompt, kw), s in zip(cases, sinks):
         assert s.text == engine.generate(prompt, **kw), s.done
         assert s.done.finish_reason == "length" and s.done.completion_tokens == kw["max_new_tokens"]
@@ -155,14 +161,7 @@ def test_requests_with_the_same_prompt_share_one_prefill(engine):
     prefilled = []
     real_chunk = scheduler._prefill_chunk
     scheduler._prefill_chunk = lambda budget: prefilled.append(real_chunk(budget)) or prefilled[-1]
-    scheduler.start()
-    try:
-        sinks = [Collector() for _ in cases]
-        scheduler.submit([request(engine, p, s, **kw) for (p, kw), s in zip(cases, sinks)])
-        for s in sinks:
-            assert s.finished.wait(30)
-    finally:
-        scheduler.stop()
+    sinks = run_all(engine, scheduler, cases)
     texts = [s.text for s in sinks]
     assert texts == [engine.generate(p, **kw) for p, kw in cases]
     assert texts[0] != texts[1]  # the seeds differ, so the shared logits were not consumed by the first row
