@@ -91,8 +91,12 @@ def test_kill_and_resume_is_bitwise_equal_and_keeps_precomputed_reference(tmp_pa
     assert (tmp_path / "cut" / "reference_logps.npz").read_bytes() == stored
     a, b = records(tmp_path / "ref"), records(tmp_path / "cut")
     assert [r["step"] for r in b] == list(range(1, 7))
-    for key in ("loss", "rewards/margins", "rewards/accuracy", "logps/chosen"):
+    for key in ("loss", "rewards/margins", "rewards/accuracy", "logps/chosen", "tokens_seen"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+    # Tokens count the 8 rows (4 pairs) padded to each batch's longest, not train.batch_size x seq_len (4 x 64)
+    seen = [0] + [r["tokens_seen"] for r in a]
+    per_step = [y - x for x, y in zip(seen, seen[1:])]
+    assert all(t % 8 == 0 for t in per_step) and len(set(per_step)) > 1, per_step
     assert [r["val_loss"] for r in records(tmp_path / "ref", "eval")] == \
         [r["val_loss"] for r in records(tmp_path / "cut", "eval")]
     from safetensors.torch import load_file

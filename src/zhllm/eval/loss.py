@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -22,6 +22,9 @@ from ..device import to_device
 class LossOutput:
     loss_sum: torch.Tensor   # summed over the batch's `weight` units (tokens for LM losses)
     weight: float            # how many units loss_sum covers
+    # Positions the forward computed, for objectives whose rows are not train.seq_len long (pairs padded to
+    # their batch's longest, rollouts); None: the trainer counts batch_size x seq_len.
+    tokens: int | None = field(default=None, kw_only=True)
 
 
 class LossObjective(Protocol):

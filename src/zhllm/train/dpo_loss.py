@@ -228,4 +228,4 @@ class DPO:
             nll = -token_logps[:b].sum() / lengths[:b].sum().clamp(min=1)
             loss_sum = loss_sum + nll_weight * nll * b
             metrics["nll/chosen"] = float(nll.detach()) * b
-        return DPOLossOutput(loss_sum, float(b), metrics)
+        return DPOLossOutput(loss_sum, float(b), metrics, tokens=batch["input_ids"].numel())

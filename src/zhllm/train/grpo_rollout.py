@@ -30,7 +30,6 @@ ROLLOUT_FILE = "grpo_rollouts.pt"
 @dataclass
 class GrpoOutput(LossOutput):
     metrics: dict[str, float] = field(default_factory=dict)  # per micro-batch means; the trainer averages them
-    tokens: int | None = None  # positions the update's forward computed (rows x width), not batch x seq_len
 
 
 @dataclass

@@ -90,7 +90,7 @@ class BradleyTerry:
         c, r = chosen.detach(), rejected.detach()
         metrics = {"rewards/chosen": float(c.sum()), "rewards/rejected": float(r.sum()),
                    "rewards/margins": float((c - r).sum()), "rewards/accuracy": float((c > r).float().sum())}
-        return RmLossOutput(losses.sum(), float(b), metrics)
+        return RmLossOutput(losses.sum(), float(b), metrics, tokens=batch["input_ids"].numel())
 
 
 def build_reward_model(run: StageRun, train) -> torch.nn.Module:
