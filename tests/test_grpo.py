@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from zhllm.cli import main
+from zhllm.infer.prompts import encode_prompt
+from zhllm.tokenizer.load import load_tokenizer
 from zhllm.train.grpo import run_grpo
 
 QUESTIONS = ["3加4等于几？", "10减3等于几？", "7乘1等于几？", "14除以2等于几？"]
@@ -159,8 +161,6 @@ def test_dynamic_sampling_through_the_cli_samples_more_rounds(tmp_path, tiny_mod
     assert [r["sampling_rounds"] for r in rs] == [3, 3] and [r["groups_kept"] for r in rs] == [0, 0]
     # Tokens count what the update computed: 2 prompts x 4 samples, each row prompt + completion (1-3 tokens)
     # padded to the longest; not train.batch_size x train.seq_len (2 x 64).
-    from zhllm.infer.prompts import encode_prompt
-    from zhllm.tokenizer.load import load_tokenizer
     tokenizer = load_tokenizer(tiny_model_dir)
     lengths = [len(encode_prompt(tokenizer, [{"role": "user", "content": q}])) for q in QUESTIONS]
     steps = [rs[0]["tokens_seen"], rs[1]["tokens_seen"] - rs[0]["tokens_seen"]]

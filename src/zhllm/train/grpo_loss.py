@@ -98,7 +98,7 @@ class _TokenLogProbs(torch.autograd.Function):
     """log softmax(logits / T) at the target tokens, and each position's entropy, a chunk of positions at a
     time. Only the logits and one log-normaliser per position are kept for backward, which recomputes each
     chunk's softmax: the whole-tensor way holds several fp32 copies of (rows x vocab) at the update's peak
-    (about 2 GB for the demo's 190 completions of 40 tokens)."""
+    (365 MB against 125 MB for the demo's 190 completions of 40 tokens over a 4,096 vocab)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float):
@@ -128,8 +128,7 @@ class _TokenLogProbs(torch.autograd.Function):
             rows = slice(start, start + ROWS_PER_CHUNK)
             probs = (flat[rows].float() / ctx.temperature - lse[rows, None]).exp_()
             # d log p(target) / d x = onehot(target) - softmax(x), times 1/T for x = logits / T
-            chunk = probs.mul_(-g[rows]).scatter_add_(-1, flat_targets[rows], g[rows])
-            grad[rows] = chunk
+            grad[rows] = probs.mul_(-g[rows]).scatter_add_(-1, flat_targets[rows], g[rows])
         return grad.view_as(logits), None, None
 
 

@@ -287,7 +287,7 @@ class Trainer:
         bar = _progress(cfg.log.progress and self.d.is_main, self.max_steps, st.step)
         if bar is not None:
             logger.echo = bar.write
-        window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0, "ran": 0, "metrics": {}}
+        window = _new_window()
         warming_up = True  # the first window holds kernel selection and compilation: no ETA from it
         saved_at = st.step if st.step else None
         t_start = time.perf_counter()
@@ -295,7 +295,7 @@ class Trainer:
             while st.step < self.max_steps:
                 r = self.train_step()
                 window["tokens"] += r["tokens"]
-                window["ran"] += 1  # steps in the window, skipped ones too ("steps" counts the finite ones)
+                window["ran"] += 1
                 window["time"] += r["step_s"]
                 window["data"] += r["data_s"]
                 if r["finite"]:
@@ -319,7 +319,7 @@ class Trainer:
                     rec.update({k: v / max(window["steps"], 1) for k, v in window["metrics"].items()})
                     logger.log(rec, train_line(rec))
                     warming_up = False
-                    window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0, "ran": 0, "metrics": {}}
+                    window = _new_window()
                 last = st.step == self.max_steps
                 if cfg.eval.every and (st.step % cfg.eval.every == 0 or last):
                     ev = self.evaluate()
@@ -356,6 +356,11 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_requested = True
         self.echo(f"received {signal.Signals(signum).name}: saving a checkpoint after this step")
+
+
+def _new_window() -> dict:
+    """What the loop sums between two log lines ("steps" counts the finite steps, "ran" all of them)."""
+    return {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "steps": 0, "ran": 0, "metrics": {}}
 
 
 def _eval_line(step: int, ev: dict) -> str:
