@@ -6,7 +6,7 @@ from . import add_overwrite_flag
 def register(root, groups) -> None:
     p = root.add_parser(
         "pipeline", help="run every stage (corpus to chat model) from one config, cached and resumable",
-        description="Run corpus -> clean -> tokenizer -> tokenize -> pretrain -> sft -> dpo -> eval -> report. A finished "
+        description=f"Run {' -> '.join(STAGE_ORDER)}. A finished "
                     "stage is skipped; a changed config or input re-runs it and the stages after it; an interrupted "
                     "run resumes where it stopped. Try: zhllm pipeline configs/demo.yaml")
     p.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml (or a packaged name: demo)")
