@@ -42,9 +42,8 @@ def losses(run_dir):
 
 
 def test_full_sft_learns_and_resumes_exactly(tmp_path, tiny_model_dir, sft_file):
-    # one thread here and in the subprocesses: the same kernels, the same bits, whatever thread count an earlier
-    # test left this process with (a suite run once differed in the first loss's 7th digit without it)
-    torch.set_num_threads(1)
+    # train.threads=1 sets one thread in this process and in the subprocesses alike: the same kernels, the same
+    # bits, whatever thread count an earlier test left here (a suite run once differed in the first loss's 7th digit)
     base = ["log.every=1", "train.threads=1"]
     ref = run_sft("tiny", sets(tiny_model_dir, sft_file, tmp_path / "ref", *base))
     assert ref["step"] == 6 and ref["val_loss"] < 6.0
