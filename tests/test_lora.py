@@ -12,8 +12,10 @@ from zhllm.cli import main
 from zhllm.errors import ZhllmError
 from zhllm.model.config import ModelConfig
 from zhllm.model.io import load_model, new_model, save_model
-from zhllm.train.lora import (LORA_TARGETS, apply_lora, enable_neftune, freeze_params, load_adapter, merge_lora,
-                              save_adapter)
+from zhllm.infer.decoder import can_fuse
+from zhllm.model.io import model_from_state_dict
+from zhllm.train.lora import (LORA_TARGETS, apply_lora, enable_neftune, folded_state_dict, freeze_params,
+                              load_adapter, merge_lora, save_adapter)
 
 VARIANTS = {
     "llama-tied": dict(arch="llama", tie_embeddings=True),
@@ -73,6 +75,28 @@ def test_zhllm_adapter_loads_in_peft_and_merges_to_the_same_logits(base_dir, tmp
     assert torch.allclose(ours_merged, peft_logits, atol=1e-4)
     assert torch.allclose(hf_merged, peft_logits, atol=1e-4)
     assert not any("lora" in k for k in load_file(str(merged / "model.safetensors")))
+
+
+def test_folded_state_is_a_plain_model_computing_what_the_adapter_does(base_dir):
+    base, variant = base_dir
+    model = apply_lora(load_model(base), r=4, alpha=8, rslora="rslora" in variant).eval()
+    randomise_lora_b(model)
+    x = ids()
+    with torch.no_grad():
+        want = model(x)
+        folded = model_from_state_dict(model.config, folded_state_dict(model))
+        assert can_fuse(folded) and not can_fuse(model)
+        assert torch.allclose(folded(x), want, atol=1e-5), (folded(x) - want).abs().max()
+        assert torch.equal(model(x), want)  # the LoRA model is left as it was
+        for layer in model.modules():  # adapters disabled: the folded model is the base again
+            if hasattr(layer, "enable_adapters") and hasattr(layer, "lora_A"):
+                layer.enable_adapters(False)
+        plain = load_model(base)(x)
+        assert torch.allclose(model_from_state_dict(model.config, folded_state_dict(model))(x), plain, atol=1e-6)
+    assert folded_state_dict(load_model(base)) is None  # no adapter: nothing to fold
+    if variant == "llama-tied":  # a LoRA on a tied lm_head would change the embeddings too: not folded
+        tied = apply_lora(load_model(base), r=4, alpha=8, target=["q_proj", "lm_head"])
+        assert folded_state_dict(tied) is None
 
 
 def test_peft_saved_adapter_loads_into_zhllm(tmp_path):

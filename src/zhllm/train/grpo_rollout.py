@@ -4,8 +4,8 @@ clipped, KL-regularised loss (grpo_loss.py) over `ppo_epochs` optimizer steps of
 The shared Trainer drives it like any objective: `weight` is 1 per micro-batch (each micro-batch's loss is
 already a mean, as in TRL, so a step averages its micro-batches) and `loss(model, batch)` does the work. On a
 rollout's first pass it generates through the inference engine (infer/engine.py; a LoRA policy decodes
-through its adapters), computes rewards and group advantages, and, when needed, the sampling policy's and
-the reference's per-token log-probs (no gradient); later passes reuse that rollout. The rollout of the
+from a copy with its adapter folded in), computes rewards and group advantages, and, when needed, the sampling
+policy's and the reference's per-token log-probs (no gradient); later passes reuse that rollout. The rollout of the
 current step is written into each checkpoint (`grpo_rollouts.pt`) when more passes remain, so a run killed
 between two passes resumes bitwise. Sampling is seeded per rollout from (train.seed, its data position).
 """
@@ -222,15 +222,20 @@ class GRPO:
         return rows, total, per_function
 
     def _sampling_model(self) -> torch.nn.Module:
-        """The policy, or a copy of its weights in the sampling dtype (bf16 decodes about twice as fast on a
-        CPU with bf16 units; made per rollout, it always holds the current weights)."""
+        """The policy, or a plain copy of its current weights to decode from, made per rollout: in the sampling
+        dtype (bf16 decodes about twice as fast on a CPU with bf16 units), with a LoRA adapter folded in (the
+        fused decode step reads plain weights; through peft's layers a rollout took three times as long)."""
         from ..infer.backends import unwrap
         from ..infer.decoder import can_fuse
+        from .lora import folded_state_dict
         module = unwrap(self.policy)
-        if not can_fuse(module) or module.model.embed_tokens.weight.dtype == self.sample_dtype:
-            return self.policy
+        state = folded_state_dict(module)
+        if state is None:
+            if not can_fuse(module) or module.model.embed_tokens.weight.dtype == self.sample_dtype:
+                return self.policy
+            state = module.state_dict()
         from ..model.io import model_from_state_dict
-        state = {k: v.detach().to(self.sample_dtype) for k, v in module.state_dict().items()}
+        state = {k: v.detach().to(self.sample_dtype) for k, v in state.items()}
         return model_from_state_dict(module.config, state).eval()
 
     def _token_logps(self, model: torch.nn.Module, rollout: Rollout,

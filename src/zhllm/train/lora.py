@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -169,6 +170,38 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model
+
+
+def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The plain model's state (its own parameter names) with each LoRA layer's active adapters added to its base
+    weight, in fp32 then rounded once to the base's dtype; `model` is left as it is (`merge_adapter` rewrites it).
+    None when the model has no LoRA layer, or one this cannot fold: not over a plain nn.Linear (a 4-bit base, MoE
+    experts), DoRA, a LoRA bias, an adapter already merged, a weight tied to another, or sharded weights."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    layers = _lora_layers(model)
+    if not layers:
+        return None
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    folded = {}
+    for name, layer in layers:
+        base = layer.get_base_layer()
+        if (type(layer) is not LoraLinear or type(base) is not nn.Linear or layer.merged
+                or any(layer.use_dora.values()) or any(getattr(layer, "lora_bias", {}).values())
+                or any(type(p.data) is not torch.Tensor for p in layer.parameters())
+                or uses[id(base.weight)] > 1):  # a tied lm_head: folding would change the embeddings too
+            return None
+        weight = base.weight.detach()
+        if not layer.disable_adapters:
+            deltas = [layer.get_delta_weight(a).float() for a in layer.active_adapters if a in layer.lora_A]
+            weight = (weight.float() + sum(deltas)).to(weight.dtype) if deltas else weight
+        folded[f"{name}.weight"] = weight
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" not in key:
+            key = key.replace(".base_layer.", ".")
+            state[key] = folded.get(key, value)
+    return state
 
 
 def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
