@@ -57,7 +57,9 @@ class DpoConfig(StageConfig):
     out_dir: str = checked("runs/dpo", nonblank=True)
     data: DpoDataSection = field(default_factory=DpoDataSection)
     dpo: DpoSection = field(default_factory=DpoSection)
-    lora: LoraSection = field(default_factory=LoraSection)
+    # LoRA dropout off unless asked, as TRL's disable_dropout: policy and reference log-probs are then both
+    # deterministic forwards of the models they name
+    lora: LoraSection = field(default_factory=lambda: LoraSection(dropout=0.0))
 
     def validate(self, source: str) -> "DpoConfig":
         check_continues_model(self, source, "dpo", "the SFT model", "preference files")

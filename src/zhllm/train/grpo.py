@@ -67,7 +67,9 @@ class GrpoConfig(StageConfig):
     data: GrpoDataSection = field(default_factory=GrpoDataSection)
     rewards: list[RewardSpec] = field(default_factory=list)
     grpo: GrpoSection = field(default_factory=GrpoSection)
-    lora: LoraSection = field(default_factory=LoraSection)
+    # LoRA dropout off unless asked, as TRL's disable_dropout: the update then scores the policy that sampled
+    # (a demo LoRA step also took 4.7 s with dropout 0.05, 3.0 s without)
+    lora: LoraSection = field(default_factory=lambda: LoraSection(dropout=0.0))
 
     def validate(self, source: str) -> "GrpoConfig":
         check_continues_model(self, source, "grpo", "the SFT model", "prompt files")
