@@ -7,9 +7,12 @@ completions per step, 64 new tokens at temperature 1, beta 0 (no reference), one
 autocast with fp32 weights on both sides, eager layers; zhllm runs once more with its bf16 weights (fp32 master
 copies in the optimizer, `train.bf16_weights`, as its CPU recipes train). Random weights seldom sample an end token, so both
 sides generate close to 64 tokens per completion; the table shows each side's mean completion length and
-compares samples/s and completion tokens/s.
+compares samples/s and completion tokens/s. `--lora R` trains a rank-R LoRA (alpha 2R, no dropout, the attention
+and MLP projections) on both sides instead of the whole model: zhllm then runs with fp32 weights only (bf16
+weights are for full fine-tuning) and TRL gets the same adapter as its `peft_config`.
 
     python benchmarks/bench_rl.py [--steps 4] [--warmup 1] [--prompts 4] [--generations 8] [--new-tokens 64]
+                                  [--lora R]
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from bench_support import SHARED, random_model_dir
 
 SIDES = ("zhllm", "zhllm, bf16 weights", "zhllm, bf16 weights, compiled", "TRL")
+LORA_SIDES = ("zhllm", "TRL")
 
 
 
@@ -54,7 +58,7 @@ def run_zhllm(model_dir: Path, prompts: Path, a, bf16_weights: bool = False, com
                       f"grpo.num_generations={a.generations}", f"grpo.max_new_tokens={a.new_tokens}",
                       "grpo.temperature=1.0", "grpo.beta=0.0", "grpo.ppo_epochs=1", "eval.every=0",
                       "checkpoint.every=0", "log.every=1", "log.progress=false", "log.tensorboard=false",
-                      "log.plots=false"])
+                      "log.plots=false", *_lora_sets(a.lora)])
     records = [r for r in read_metrics(out) if r.get("kind", "train") == "train"][a.warmup:]
     timed = times[a.warmup:]
     rollout = sum(r["rollout_s"] for r in records)
@@ -64,6 +68,10 @@ def run_zhllm(model_dir: Path, prompts: Path, a, bf16_weights: bool = False, com
             "rollout_share": rollout / sum(timed), "rollout_tokens_per_s": samples * length / rollout,
             "mean_length": length, "batch1_tokens_per_s": _batch1_decode(model_dir, prompts, a.new_tokens),
             "threads": torch.get_num_threads()}
+
+
+def _lora_sets(rank: int) -> list[str]:
+    return [] if not rank else ["lora.enabled=true", f"lora.r={rank}", f"lora.alpha={2 * rank}", "lora.dropout=0"]
 
 
 def _batch1_decode(model_dir: Path, prompts: Path, new_tokens: int) -> float:
@@ -112,8 +120,15 @@ def run_trl(model_dir: Path, prompts: Path, a) -> dict:
                       max_completion_length=a.new_tokens, temperature=1.0, beta=0.0, num_iterations=1,
                       max_steps=a.steps + a.warmup, learning_rate=1e-6, logging_steps=1, save_strategy="no",
                       dataloader_num_workers=0, loss_type="grpo", disable_dropout=True, seed=0)
+    peft_config = None
+    if a.lora:
+        from peft import LoraConfig
+
+        from zhllm.train.lora import LORA_TARGETS
+        peft_config = LoraConfig(r=a.lora, lora_alpha=2 * a.lora, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                                 task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=exact, args=args, train_dataset=ds, processing_class=tok,
-                          callbacks=[StepTimer()])
+                          callbacks=[StepTimer()], peft_config=peft_config)
     trainer.train()
     timed = times[a.warmup:]
     length = sum(lengths[a.warmup:]) / max(1, len(lengths[a.warmup:])) if lengths else float("nan")
@@ -132,8 +147,11 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--preset", default="26m")
     ap.add_argument("--tmp", default="/tmp/zhllm-bench-rl")
+    ap.add_argument("--lora", type=int, default=0, metavar="R", help="train a rank-R LoRA on both sides (default: "
+                    "the whole model)")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    sides = LORA_SIDES if a.lora else SIDES
     tmp = Path(a.tmp)
     prompts = tmp / "prompts.jsonl"
     if a.side:
@@ -150,18 +168,19 @@ def main() -> int:
     write_demo_rl_prompts(prompts, 256, seed=0)
     random_model_dir(a.preset, tmp)
     results = {}
-    for side in SIDES:
+    for side in sides:
         cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--warmup", str(a.warmup),
                "--prompts", str(a.prompts), "--generations", str(a.generations), "--new-tokens", str(a.new_tokens),
-               "--preset", a.preset, "--tmp", str(tmp)]
+               "--preset", a.preset, "--tmp", str(tmp), "--lora", str(a.lora)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{side}: failed\n{r.stderr[-2500:]}", file=sys.stderr)
             continue
         results[side] = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"{side}: {results[side]}", file=sys.stderr)
-    print(f"GRPO at the {a.preset} preset: {a.prompts} prompts x {a.generations} completions per step, up to "
-          f"{a.new_tokens} new tokens, bf16 autocast, {a.steps} timed steps after {a.warmup} warm-up\n")
+    trained = f"a rank-{a.lora} LoRA" if a.lora else "the whole model"
+    print(f"GRPO at the {a.preset} preset ({trained}): {a.prompts} prompts x {a.generations} completions per step, "
+          f"up to {a.new_tokens} new tokens, bf16 autocast, {a.steps} timed steps after {a.warmup} warm-up\n")
     print("| side | samples/s | completion tokens/s | mean completion length | rollout share of step | "
           "rollout tokens/s |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -173,7 +192,7 @@ def main() -> int:
     t = results.get("TRL")
     print("\n| measure | zhllm | reference | ratio | target |")
     print("|---|---:|---:|---:|---|")
-    for side in SIDES[:-1]:
+    for side in sides[:-1]:
         z = results.get(side)
         if z is None:
             continue
