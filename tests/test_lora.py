@@ -1,6 +1,8 @@
 """LoRA via peft on zhllm's model: adapters interchangeable with peft + transformers, merging, QLoRA guard,
 NEFTune and freezing."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,6 +99,15 @@ def test_folded_state_is_a_plain_model_computing_what_the_adapter_does(base_dir)
     if variant == "llama-tied":  # a LoRA on a tied lm_head would change the embeddings too: not folded
         tied = apply_lora(load_model(base), r=4, alpha=8, target=["q_proj", "lm_head"])
         assert folded_state_dict(tied) is None
+
+
+def test_folding_a_plain_model_does_not_import_peft():
+    # GRPO asks every rollout's policy for its folded state; a run without LoRA should not pay peft's import
+    code = ("import sys, torch; from zhllm.model.io import new_model; from zhllm.model.config import ModelConfig; "
+            "from zhllm.train.lora import folded_state_dict; "
+            "m = new_model(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, ffn_dim=64), seed=0); "
+            "assert folded_state_dict(m) is None; assert 'peft' not in sys.modules, 'peft imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_peft_saved_adapter_loads_into_zhllm(tmp_path):

@@ -100,9 +100,10 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    lora = sys.modules.get("peft.tuners.lora")  # not imported yet: no model holds a LoRA layer (and peft costs ~1 s)
+    if lora is None:
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, lora.LoraLayer)]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -177,11 +178,10 @@ def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     weight, in fp32 then rounded once to the base's dtype; `model` is left as it is (`merge_adapter` rewrites it).
     None when the model has no LoRA layer, or one this cannot fold: not over a plain nn.Linear (a 4-bit base, MoE
     experts), DoRA, a LoRA bias, an adapter already merged, a weight tied to another, or sharded weights."""
-    from peft.tuners.lora import Linear as LoraLinear
-
     layers = _lora_layers(model)
     if not layers:
         return None
+    from peft.tuners.lora import Linear as LoraLinear
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     folded = {}
     for name, layer in layers:
