@@ -1,10 +1,12 @@
 """`zhllm ppo`: the tensor math equals direct formulas (GAE as the textbook recursion, clipped losses, KL
 rewards, whitening, the adaptive controller), a tiny model learns a verifiable toy task with bounded KL, a
-killed run resumes bitwise between passes (adaptive KL coefficient included), and recipe mistakes are one line."""
+killed run resumes bitwise between passes (adaptive KL coefficient included; with a LoRA policy too), and recipe
+mistakes are one line."""
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,10 +143,37 @@ def test_kill_between_passes_and_resume_is_bitwise_equal(tmp_path, tiny_model_di
         assert all(torch.equal(wa[k], wb[k]) for k in wa), rel
 
 
+def test_lora_policy_with_adapter_reference_resumes_bitwise(tmp_path, tiny_model_dir, prompts_file):
+    torch.set_num_threads(1)
+    extra = ["lora.enabled=true", "lora.r=4", "ppo.ppo_epochs=2", "train.max_steps=4", "checkpoint.every=2"]
+    run_ppo("tiny", sets(tiny_model_dir, prompts_file, tmp_path / "ref", *extra))
+    args = [sys.executable, "-m", "zhllm", "ppo", "--config", "tiny"]
+    for s in sets(tiny_model_dir, prompts_file, tmp_path / "cut", *extra):
+        args += ["--set", s]
+    died = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1", "ZHLLM_FAIL_AT_STEP": "2"},
+                          capture_output=True, text=True)
+    assert died.returncode == 1, died.stderr[-2000:]
+    run_ppo("tiny", sets(tiny_model_dir, prompts_file, tmp_path / "cut", *extra), resume="auto")
+    a, b = records(tmp_path / "ref"), records(tmp_path / "cut")
+    assert a[0]["kl"] == pytest.approx(0, abs=1e-6) and a[-1]["kl"] != 0  # adapters start at zero: policy == reference
+    for key in ("loss", "reward", "kl", "value_loss", "policy_loss"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    from safetensors.torch import load_file
+    for rel in ("adapter/adapter_model.safetensors", "model.safetensors", "value/model.safetensors"):
+        wa = load_file(str(tmp_path / "ref" / "checkpoints" / "step_4" / rel))
+        wb = load_file(str(tmp_path / "cut" / "checkpoints" / "step_4" / rel))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), rel
+    base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    merged = load_file(str(tmp_path / "ref" / "checkpoints" / "step_4" / "model.safetensors"))
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])  # the saved policy has the adapter in
+
+
 def test_recipe_mistakes_are_one_line_errors(tmp_path, tiny_model_dir, prompts_file, capsys):
     for extra, needle in ((["train.compile=true"], "train.compile is not supported by ppo"),
                           (["ppo.cliprange=0"], "ppo.cliprange"),
                           (["eval.every=5"], "eval.every must be 0"),
+                          (["lora.qlora=true"], "lora.qlora needs lora.enabled: true"),
                           (["value.init_from=/nope"], "value model /nope: no such directory")):
         argv = ["ppo", "--config", "tiny"] + sum((["--set", s] for s in sets(tiny_model_dir, prompts_file,
                                                                              tmp_path / "x", *extra)), [])

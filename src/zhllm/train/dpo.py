@@ -72,11 +72,7 @@ class DpoConfig(StageConfig):
         if d.reference == "adapter" and not self.lora.enabled and d.loss not in REFERENCE_FREE:
             raise ConfigError(f"{source}: dpo.reference=adapter needs lora.enabled: true (the base model is the "
                               "LoRA policy with its adapters off); use copy or precomputed for full fine-tuning")
-        if self.lora.qlora and not self.lora.enabled:
-            raise ConfigError(f"{source}: lora.qlora needs lora.enabled: true")
-        if self.lora.enabled and self.train.bf16_weights:
-            raise ConfigError(f"{source}: train.bf16_weights is for full fine-tuning; with lora.enabled set "
-                              "train.bf16_weights=false")
+        self.lora.check(self.train, source)
         if self.data.max_len and self.data.max_len > self.train.seq_len:
             raise ConfigError(f"{source}: data.max_len={self.data.max_len} exceeds train.seq_len={self.train.seq_len}")
         if self.data.max_prompt_len and self.data.max_prompt_len >= (self.data.max_len or self.train.seq_len):

@@ -84,11 +84,7 @@ class GrpoConfig(StageConfig):
         if g.reference == "adapter" and not self.lora.enabled and g.beta > 0:
             raise ConfigError(f"{source}: grpo.reference=adapter needs lora.enabled: true (the reference is the "
                               "LoRA policy with its adapters off); use copy for full fine-tuning")
-        if self.lora.qlora and not self.lora.enabled:
-            raise ConfigError(f"{source}: lora.qlora needs lora.enabled: true")
-        if self.lora.enabled and self.train.bf16_weights:
-            raise ConfigError(f"{source}: train.bf16_weights is for full fine-tuning; with lora.enabled set "
-                              "train.bf16_weights=false")
+        self.lora.check(self.train, source)
         if g.max_new_tokens >= self.train.seq_len:
             raise ConfigError(f"{source}: grpo.max_new_tokens={g.max_new_tokens} leaves no room for a prompt "
                               f"within train.seq_len={self.train.seq_len}")

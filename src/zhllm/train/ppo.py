@@ -3,7 +3,9 @@
 The trained module is `PolicyAndValue`: the policy (a causal LM) and a value model (model/reward.py's
 `RewardModel`: a copy of the policy's backbone, or a reward model's, with a scalar head), trained together
 by one optimizer. A checkpoint saves the policy as the HF model directory and the value model under
-`value/`, so the run resumes exactly and the policy loads anywhere. Rollouts reuse GRPO's machinery
+`value/`, so the run resumes exactly and the policy loads anywhere. With `lora.enabled` the policy trains a LoRA
+adapter (the checkpoint's model is then merged, the adapter under `adapter/`, as SFT's) and the KL reference is the
+policy with its adapters off; the value model still trains whole. Rollouts reuse GRPO's machinery
 (grpo_rollout.py: sampling through the engine, rewards, the pending rollout in the checkpoint); the loss is
 ppo_loss.py's: per-token KL penalty to a frozen reference in the reward, GAE, whitened advantages, clipped
 policy and value losses, an entropy bonus, and a fixed or adaptive KL coefficient.
@@ -23,9 +25,11 @@ from ..config import checked
 from ..errors import ConfigError, ZhllmError
 from .config import EvalSection, StageConfig, TrainSection, check_continues_model, load_stage_config
 from .grpo import GrpoDataSection, open_prompts, prepare_grpo
-from .grpo_rollout import GRPO, CopyReference, GrpoOutput, Rollout, Sampling, _reward_metrics, _training_rows
+from .grpo_rollout import (GRPO, CopyReference, GrpoOutput, Rollout, Sampling, _reward_metrics, _training_rows,
+                           adapter_reference)
 from .ppo_loss import adapt_kl_coef, gae, ppo_loss, token_rewards, whiten
 from .run import Stage, StageRun, run_stage
+from .sft import LoraSection
 
 VALUE_DIR = "value"
 STATE_FILE = "ppo_state.json"
@@ -71,6 +75,8 @@ class PpoConfig(StageConfig):
     rewards: list[RewardSpec] = field(default_factory=list)
     ppo: PpoSection = field(default_factory=PpoSection)
     value: ValueSection = field(default_factory=ValueSection)
+    # a LoRA policy (the reference is then the policy with its adapters off); the value model trains whole
+    lora: LoraSection = field(default_factory=lambda: LoraSection(dropout=0.0))
 
     def validate(self, source: str) -> "PpoConfig":
         check_continues_model(self, source, "ppo", "the SFT model", "prompt files")
@@ -84,7 +90,9 @@ class PpoConfig(StageConfig):
                         ("train.bf16_weights", t.bf16_weights), ("train.parallel=fsdp", t.parallel == "fsdp")):
             if on:
                 raise ConfigError(f"{source}: {key} is not supported by ppo yet (use ddp and fp32 weights)")
-        return super().validate(source)
+        super().validate(source)
+        self.lora.check(self.train, source)
+        return self
 
 
 def load_ppo_config(path: str | Path, overrides: list[str] | None = None) -> tuple[PpoConfig, str]:
@@ -125,7 +133,7 @@ class PPO(GRPO):
         from ..infer.backends import unwrap
         self.both = unwrap(trainer.model)
         self.policy = self.both.policy
-        if self.ref is not None:
+        if hasattr(self.ref, "prepare"):  # a frozen copy; the adapter reference needs nothing
             self.ref.prepare(trainer)
         state = self.resume_dir / STATE_FILE if self.resume_dir is not None else None
         if state is not None and state.is_file():
@@ -187,8 +195,11 @@ def ppo_objective(run: StageRun, model: nn.Module) -> PPO:
     p = cfg.ppo
     reference = None
     if p.kl_coef > 0 or p.target_kl is not None:
-        from ..model.io import load_model
-        reference = CopyReference(load_model(run.init_from, dtype=torch.float32))
+        if cfg.lora.enabled:
+            reference = adapter_reference
+        else:
+            from ..model.io import load_model
+            reference = CopyReference(load_model(run.init_from, dtype=torch.float32))
     sampling = Sampling(p.num_generations, p.max_new_tokens, p.temperature, p.top_p, p.top_k, list(p.stop_strings),
                         p.rollout_dtype)
     return PPO(sampling, p, seed=cfg.train.seed, grad_accum=cfg.train.grad_accum, reference=reference,
@@ -196,10 +207,10 @@ def ppo_objective(run: StageRun, model: nn.Module) -> PPO:
 
 
 def build_ppo_model(run: StageRun, train) -> nn.Module:
-    from ..model.io import load_model
     from ..model.reward import load_reward_model
+    from .sft import load_policy
     cfg: PpoConfig = run.cfg
-    policy = load_model(run.resume_dir or run.init_from, dtype=torch.float32, train=True)
+    policy = load_policy(cfg.lora, run.init_from, run.resume_dir).train()
     value_from = run.resume_dir / VALUE_DIR if run.resume_dir is not None else (cfg.value.init_from or run.init_from)
     if not Path(value_from).is_dir():
         raise ZhllmError(f"value model {value_from}: no such directory")
@@ -211,12 +222,18 @@ def build_ppo_model(run: StageRun, train) -> nn.Module:
 
 
 def _checkpoint_hooks(run: StageRun):
+    """The policy as the checkpoint's model (merged with its adapter under LoRA, the adapter under adapter/ as
+    SFT's), and the value model under value/."""
     from ..model.io import save_model
+    from .sft import lora_checkpoint_hooks
+    export_policy, extra_policy = lora_checkpoint_hooks(run.init_from) if run.cfg.lora.enabled else (None, None)
 
     def extra(model: nn.Module, staging: Path) -> None:
         save_model(model.value, staging / VALUE_DIR)
+        if extra_policy is not None:
+            extra_policy(model.policy, staging)
 
-    return (lambda model: model.policy), extra
+    return (lambda model: export_policy(model.policy) if export_policy else model.policy), extra
 
 
 PPO_STAGE = Stage(name="ppo", config=PpoConfig, objective=ppo_objective, prepare=prepare_grpo,

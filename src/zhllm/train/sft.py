@@ -44,6 +44,15 @@ class LoraSection:
     rslora: bool = False
     qlora: bool = False               # 4-bit base (bitsandbytes, CUDA only)
 
+    def check(self, train: TrainSection, source: str) -> None:
+        """The LoRA settings every stage that trains a LoRA policy rejects."""
+        if self.qlora and not self.enabled:
+            raise ConfigError(f"{source}: lora.qlora needs lora.enabled: true")
+        if self.enabled and train.bf16_weights:
+            # fp32 masters of a frozen base would only cost memory, and adapters train under autocast anyway
+            raise ConfigError(f"{source}: train.bf16_weights is for full fine-tuning; with lora.enabled set "
+                              "train.bf16_weights=false")
+
 
 @dataclass
 class FreezeSection:
@@ -73,12 +82,7 @@ class SftConfig(StageConfig):
         if not self.data.path:
             raise ConfigError(f"{source}: data.path must name chat files or an SFT shard directory")
         super().validate(source)
-        if self.lora.qlora and not self.lora.enabled:
-            raise ConfigError(f"{source}: lora.qlora needs lora.enabled: true")
-        if self.lora.enabled and self.train.bf16_weights:
-            # fp32 masters of a frozen base would only cost memory, and adapters train under autocast anyway
-            raise ConfigError(f"{source}: train.bf16_weights is for full fine-tuning; with lora.enabled set "
-                              "train.bf16_weights=false")
+        self.lora.check(self.train, source)
         return self
 
 
