@@ -1,5 +1,6 @@
 """`zhllm rm`: a reward model learns a planted preference (held-out pair accuracy ~100%), saves as transformers'
-sequence-classification model with equal scores, resumes bitwise, scores files, and rewards GRPO."""
+sequence-classification model with equal scores, resumes bitwise (as a LoRA too, whose adapter peft loads), scores
+files, and rewards GRPO."""
 import json
 import os
 import subprocess
@@ -108,6 +109,48 @@ def test_kill_and_resume_is_bitwise_equal(tmp_path, tiny_model_dir, pairs_file):
     wb = load_file(str(tmp_path / "cut" / "checkpoints" / "step_6" / "model.safetensors"))
     assert set(wa) == set(wb) and "score.weight" in wa and "lm_head.weight" not in wa
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lora_reward_model_resumes_bitwise_and_loads_in_peft(tmp_path, tiny_model_dir, pairs_file):
+    torch.set_num_threads(1)
+    extra = ["lora.enabled=true", "lora.r=4", "lora.dropout=0"]
+    run_rm("tiny", sets(tiny_model_dir, pairs_file, tmp_path / "ref", *extra))
+    args = [sys.executable, "-m", "zhllm", "rm", "--config", "tiny"]
+    for s in sets(tiny_model_dir, pairs_file, tmp_path / "cut", *extra):
+        args += ["--set", s]
+    died = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1", "ZHLLM_FAIL_AT_STEP": "4"},
+                          capture_output=True, text=True)
+    assert died.returncode == 1, died.stderr[-2000:]
+    run_rm("tiny", sets(tiny_model_dir, pairs_file, tmp_path / "cut", *extra), resume="auto")
+    a, b = records(tmp_path / "ref"), records(tmp_path / "cut")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert a[-1]["loss"] < a[0]["loss"]
+    from safetensors.torch import load_file
+    ckpt = tmp_path / "ref" / "checkpoints" / "step_6"
+    for rel in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = load_file(str(ckpt / rel)), load_file(str(tmp_path / "cut" / "checkpoints" / "step_6" / rel))
+        assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa), rel
+    from zhllm.model.reward import load_reward_model
+    new_head = load_reward_model(tiny_model_dir, seed=0).score.weight  # the head the run started from (seed 0)
+    assert not torch.equal(wa["base_model.model.score.weight"], new_head)  # it trains whole, kept with the adapter
+    adapter_config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS" and adapter_config["modules_to_save"] == ["score"]
+
+    # peft over transformers' sequence-classification model of the base scores as the merged checkpoint does
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from zhllm.align.reward_scores import RewardScorer
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    pad = json.loads((ckpt / "config.json").read_text())["pad_token_id"]
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=pad,
+                                                              dtype=torch.float32)
+    hf = PeftModel.from_pretrained(base, ckpt / "adapter").eval()
+    convs = [[{"role": "user", "content": "北京是哪里？"}, {"role": "assistant", "content": reply}]
+             for reply in ("北京是中国的首都。", "Hello, world.")]
+    enc = tok.apply_chat_template(convs, tokenize=True, return_dict=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.squeeze(-1)
+    assert RewardScorer(ckpt).score(convs) == pytest.approx(theirs.tolist(), abs=1e-4)
 
 
 def test_score_cli_and_grpo_reward(tmp_path, tiny_model_dir, pairs_file, capsys):

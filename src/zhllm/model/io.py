@@ -106,7 +106,7 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor],
         with torch.device("meta"):
             model = Transformer(cfg)
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and model.lm_head is not None:  # a reward model has no vocabulary head
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_frequencies(cfg)[0].to(model.model.embed_tokens.weight.device)
     return model

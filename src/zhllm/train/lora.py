@@ -106,27 +106,35 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, lora.LoraLayer)]
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA weights under the keys PeftModel.save_pretrained would write for an HF CausalLM."""
+def adapter_state_dict(model: nn.Module, modules_to_save: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """LoRA weights under the keys PeftModel.save_pretrained would write for an HF CausalLM (or
+    SequenceClassification model), plus the weights of `modules_to_save` (modules trained whole beside the
+    adapter, as a reward model's `score` head) under the keys peft gives them."""
     from peft import get_peft_model_state_dict
 
     if not _lora_layers(model):
         raise ZhllmError("the model has no LoRA layers to save (apply_lora first)")
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    for name in modules_to_save:
+        state.update({f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()})
     return {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model_dir: str | Path | None = None) -> Path:
-    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT format) atomically."""
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_dir: str | Path | None = None,
+                 modules_to_save: Sequence[str] = ()) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT format) atomically. With `modules_to_save`
+    (a reward model's head) it is a SEQ_CLS adapter: `PeftModel.from_pretrained` over transformers'
+    `*ForSequenceClassification` of the base loads it, head included."""
     from safetensors.torch import save_file
 
     config = getattr(model, "peft_config", {}).get("default")
     if config is None:
         raise ZhllmError("the model has no LoRA config to save (apply_lora first)")
-    state = adapter_state_dict(model)
+    state = adapter_state_dict(model, modules_to_save)
     config_dict = config.to_dict()
     config_dict["base_model_name_or_path"] = str(base_model_dir) if base_model_dir else None
-    config_dict["task_type"] = "CAUSAL_LM"
+    config_dict["task_type"] = "SEQ_CLS" if modules_to_save else "CAUSAL_LM"
+    config_dict["modules_to_save"] = list(modules_to_save) or None
     config_dict["target_modules"] = sorted(config.target_modules)  # a set in memory; JSON wants a list
     with atomic_directory(out_dir) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -135,7 +143,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_dir: str | Pa
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Inject the adapter's LoRA layers into `model` and load its weights (any PEFT LoRA adapter directory)."""
+    """Inject the adapter's LoRA layers into `model` and load its weights (any PEFT LoRA adapter directory); the
+    weights of its `modules_to_save` (a reward model's head) load into the model's own modules, unwrapped."""
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -147,8 +156,17 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise ZhllmError(f"{adapter_dir / ADAPTER_CONFIG}: not a LoRA config ({str(e).splitlines()[0]})") from None
     config.inference_mode = False
+    heads = tuple(f"{name}." for name in config.modules_to_save or ())
+    config.modules_to_save = None  # trained whole: plain weights of the model's own modules (below), not wrapped
     model = inject_lora(model, config)
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
+    head = {k: state.pop(k) for k in list(state) if k.startswith(heads)}
+    if head:
+        own = model.state_dict()
+        unknown = sorted(k for k in head if k not in own or own[k].shape != head[k].shape)
+        if unknown:
+            raise ZhllmError(f"{adapter_dir}: adapter does not match the base model (module to save {unknown[0]})")
+        model.load_state_dict(head, strict=False)
     result = set_peft_model_state_dict(model, state)
     expected = {k.removeprefix(PEFT_PREFIX) for k in adapter_state_dict(model)}
     missing = sorted(expected - set(state))

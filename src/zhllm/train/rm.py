@@ -21,7 +21,9 @@ from ..eval.loss import LossOutput
 from .config import EvalSection, StageConfig, TrainSection, check_continues_model, load_stage_config
 from .dpo import DpoDataSection, open_preference_data
 from .run import Stage, StageRun, run_stage
-from .sft import resolve_init_from
+from .sft import LoraSection, load_policy, lora_checkpoint_hooks, resolve_init_from
+
+HEAD = ("score",)  # what trains whole beside a LoRA adapter: the reward model's new head
 
 
 @dataclass
@@ -40,12 +42,15 @@ class RmConfig(StageConfig):
     out_dir: str = checked("runs/rm", nonblank=True)
     data: DpoDataSection = field(default_factory=DpoDataSection)
     rm: RmSection = field(default_factory=RmSection)
+    # a LoRA on the backbone; the new score head trains whole beside it (saved with the adapter)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def validate(self, source: str) -> "RmConfig":
         check_continues_model(self, source, "rm", "an SFT model or a reward model", "preference files")
         if self.eval.prompts:
             raise ConfigError(f"{source}: eval.prompts samples text; a reward model has no vocabulary head")
         super().validate(source)
+        self.lora.check(self.train, source)
         if self.data.max_len and self.data.max_len > self.train.seq_len:
             raise ConfigError(f"{source}: data.max_len={self.data.max_len} exceeds train.seq_len={self.train.seq_len}")
         return self
@@ -96,7 +101,13 @@ class BradleyTerry:
 def build_reward_model(run: StageRun, train) -> torch.nn.Module:
     from ..errors import ZhllmError
     from ..model.reward import load_reward_model
-    model = load_reward_model(run.resume_dir or run.init_from, train=True, seed=run.cfg.train.seed)
+    cfg = run.cfg
+    # with LoRA: the base's backbone and a new head (a resume loads the adapter and the head from adapter/)
+    model = load_policy(cfg.lora, run.init_from, run.resume_dir,
+                        load=lambda path: load_reward_model(path, train=True, seed=cfg.train.seed))
+    if cfg.lora.enabled:
+        for name in HEAD:
+            model.get_submodule(name).requires_grad_(True)
     if len(run.tokenizer) > model.config.vocab_size:
         raise ZhllmError(f"{run.init_from}: tokenizer has {len(run.tokenizer)} tokens, the model only "
                          f"{model.config.vocab_size}")
@@ -110,7 +121,8 @@ def build_reward_model(run: StageRun, train) -> torch.nn.Module:
 RM_STAGE = Stage(
     name="rm", config=RmConfig, prepare=resolve_init_from, build_model=build_reward_model,
     objective=lambda run, model: BradleyTerry(run.cfg.rm.margin, run.cfg.rm.center_coef),
-    open_data=lambda run: open_preference_data(run.cfg, run.tokenizer, log=run.echo, stage="rm"))
+    open_data=lambda run: open_preference_data(run.cfg, run.tokenizer, log=run.echo, stage="rm"),
+    checkpoint_hooks=lambda run: lora_checkpoint_hooks(run.init_from, HEAD) if run.cfg.lora.enabled else (None, None))
 
 
 def run_rm(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> dict:

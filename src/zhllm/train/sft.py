@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal, Optional
 
 import torch
@@ -115,12 +116,15 @@ def open_sft_data(cfg: SftConfig, tokenizer, log=print):
     return train, val
 
 
-def load_policy(lora: LoraSection, init_from: str, resume_dir: Path | None) -> torch.nn.Module:
-    """Base weights (or a full-FT checkpoint to resume) with LoRA as configured: what SFT and DPO train."""
+def load_policy(lora: LoraSection, init_from: str, resume_dir: Path | None,
+                load: Callable[[str | Path], torch.nn.Module] | None = None) -> torch.nn.Module:
+    """Base weights (or a full-FT checkpoint to resume) with LoRA as configured: what SFT, DPO, GRPO and PPO
+    train. `load(dir)` reads a model (default: the causal LM in fp32; the reward model stage passes its own)."""
     from ..model.io import load_model
     from .lora import apply_lora, load_adapter
+    load = load or (lambda path: load_model(path, dtype=torch.float32, train=True))
     full_resume = resume_dir is not None and not lora.enabled
-    model = load_model(resume_dir if full_resume else init_from, dtype=torch.float32, train=True)
+    model = load(resume_dir if full_resume else init_from)
     if lora.enabled:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -145,7 +149,8 @@ def prepare_model(cfg: SftConfig, init_from: str, resume_dir: Path | None):
 
 
 def merged_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain Transformer whose weights are base + LoRA delta; the training model is left untouched."""
+    """A plain model of the same class (a Transformer, a RewardModel) whose weights are base + LoRA delta; the
+    training model is left untouched."""
     from peft.tuners.lora import LoraLayer
 
     from ..model.io import model_from_state_dict
@@ -163,15 +168,18 @@ def merged_model(model: torch.nn.Module) -> torch.nn.Module:
         if "lora_" in name or ".base_layer." in name:
             continue
         state.setdefault(name, p.detach())
-    return model_from_state_dict(model.config, state)
+    with torch.device("meta"):
+        plain = type(model)(model.config)
+    return model_from_state_dict(model.config, state, plain)
 
 
-def lora_checkpoint_hooks(base_dir: str):
-    """(export, extra_writer) for the trainer: write the merged model, and the adapter under adapter/."""
+def lora_checkpoint_hooks(base_dir: str, modules_to_save: tuple[str, ...] = ()):
+    """(export, extra_writer) for the trainer: write the merged model, and the adapter under adapter/ (with the
+    modules trained whole beside it, as a reward model's head)."""
     from .lora import save_adapter
 
     def extra(model: torch.nn.Module, tmp: Path) -> None:
-        save_adapter(model, tmp / ADAPTER_DIR, base_model_dir=base_dir)
+        save_adapter(model, tmp / ADAPTER_DIR, base_model_dir=base_dir, modules_to_save=modules_to_save)
 
     return merged_model, extra
 
