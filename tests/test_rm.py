@@ -153,6 +153,21 @@ def test_lora_reward_model_resumes_bitwise_and_loads_in_peft(tmp_path, tiny_mode
     assert RewardScorer(ckpt).score(convs) == pytest.approx(theirs.tolist(), abs=1e-4)
 
 
+def test_bf16_weights_checkpoint_is_the_reward_model(tmp_path, tiny_model_dir, pairs_file):
+    # the checkpoint is built from the fp32 masters: as the model's own class, score head and all
+    torch.set_num_threads(1)
+    out = tmp_path / "bf16"
+    run_rm("tiny", sets(tiny_model_dir, pairs_file, out, "train.bf16_weights=true", "train.precision=bf16",
+                        "train.max_steps=3", "eval.every=0"))
+    ckpt = out / "checkpoints" / "step_3"
+    assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    from safetensors.torch import load_file
+    from zhllm.model.reward import load_reward_model
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert weights["score.weight"].dtype == torch.float32
+    assert not torch.equal(weights["score.weight"], load_reward_model(tiny_model_dir, seed=0).score.weight)
+
+
 def test_score_cli_and_grpo_reward(tmp_path, tiny_model_dir, pairs_file, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "run"

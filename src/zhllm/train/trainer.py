@@ -7,6 +7,7 @@ the same windows in the same steps, so resumed runs reproduce uninterrupted ones
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -253,20 +254,23 @@ class Trainer:
             self.master.state_dict() if self.master is not None else None
         path = None
         if self.d.is_main:
-            source = self.model if model_sd is None else model_from_state_dict(self.model.config, model_sd)
-            if self.export_model is not None:
-                source = self.export_model(source)
+            # the whole model as one module (shards gathered, fp32 masters in), then what the stage exports of it
+            full = self.model if model_sd is None else model_from_state_dict(self.model.config, model_sd,
+                                                                               empty_like(self.model))
+            source = self.export_model(full) if self.export_model is not None else full
             self.state.rng = capture_rng()
-            extra = self._write_extra if self.checkpoint_extra or hasattr(self.objective, "save_state") else None
+            extra = (lambda staging: self._write_extra(full, staging)) \
+                if self.checkpoint_extra or hasattr(self.objective, "save_state") else None
             path = save_checkpoint_atomic(self.ckpt_root, self.state, source, optim_sd, self.tokenizer_dir,
                                           self.cfg.checkpoint.keep, extra)
         par.barrier(self.d)
         return path
 
-    def _write_extra(self, staging: Path) -> None:
-        """The stage's files (e.g. a LoRA adapter) and the objective's state (e.g. GRPO's pending rollout)."""
+    def _write_extra(self, model: torch.nn.Module, staging: Path) -> None:
+        """The stage's files (e.g. a LoRA adapter, from the whole `model`) and the objective's state (e.g. GRPO's
+        pending rollout)."""
         if self.checkpoint_extra:
-            self.checkpoint_extra(self.model, staging)
+            self.checkpoint_extra(model, staging)
         if hasattr(self.objective, "save_state"):
             self.objective.save_state(staging)
 
@@ -380,3 +384,18 @@ def _progress(enabled: bool, total: int, initial: int):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False, disable=None)
+
+
+def empty_like(model: torch.nn.Module) -> torch.nn.Module:
+    """A weightless (meta) module of `model`'s own class, unsharded, with its LoRA layers when it has them: what
+    a full state dict (gathered FSDP shards, fp32 masters) loads into, so a checkpoint of a reward model or a LoRA
+    policy is saved as one and not as a plain causal LM missing weights."""
+    from torch.distributed.fsdp import FSDPModule
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
+    with torch.device("meta"):
+        empty = cls(model.config)
+    lora = getattr(model, "peft_config", {}).get("default")
+    if lora is not None:
+        from .lora import inject_lora
+        empty = inject_lora(empty, copy.deepcopy(lora))
+    return empty
