@@ -103,6 +103,30 @@ def test_lora_policy_with_adapter_reference(tmp_path, tiny_model_dir, prompts_fi
     assert (out / "checkpoints" / "step_3" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_lora_policy_under_fsdp_trains_as_under_ddp(tmp_path, tiny_model_dir, prompts_file, dense_reward):
+    # each rank decodes from a gathered copy: through the shards, a rank whose rows stopped sooner paired its next
+    # collectives with the other's decode steps (wrong weights, different samples) or waited for ever
+    from train_support import run_cli
+    rs = {}
+    for parallel in ("fsdp", "ddp"):
+        args = ["grpo", "--config", "tiny"] + sum((["--set", s] for s in sets(
+            tiny_model_dir, prompts_file, tmp_path / parallel, "lora.enabled=true", "lora.r=4", "lora.dropout=0",
+            "grpo.beta=0.1", "train.max_steps=2", "grpo.max_new_tokens=24", f"train.parallel={parallel}",
+            # rows stop early, at lengths that differ between the ranks: what the random model often writes
+            "grpo.stop_strings=[a, h, 不, '：', '3', T, '(', 学, 习, 个, 中, 公, W, 从]",
+            dense_reward)), [])
+        proc = run_cli(args, torchrun=2)
+        if proc.returncode != 0 and "gloo" in proc.stderr.lower() and "not supported" in proc.stderr.lower():
+            pytest.skip("FSDP2 collectives are not supported by gloo in this torch build")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rs[parallel] = records(tmp_path / parallel)
+    assert [r["step"] for r in rs["fsdp"]] == [1, 2]
+    for key in ("reward", "completions/mean_length", "kl", "loss", "grad_norm"):
+        assert rs["fsdp"][0][key] == pytest.approx(rs["ddp"][0][key], rel=1e-4, abs=1e-6), key
+    assert rs["fsdp"][0]["grad_norm"] > 0
+    assert rs["fsdp"][0]["completions/clipped_ratio"] < 1  # rows stopped early
+
+
 def test_bad_prompt_records_are_skipped_or_named(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "3加4等于几？", "answer": 7}, ensure_ascii=False) + "\n"
@@ -177,7 +201,7 @@ def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ():
     plans = {0: [[1, 1], [0, 1]], 1: [[0, 0], [1, 1]], 2: [[1, 0], [0, 1]], 3: [[0, 1], [0, 1]]}
     calls = []
 
-    def sample_and_score(prompt_index, source, round_=0):
+    def sample_and_score(engine, prompt_index, source, round_=0):
         calls.append((tuple(prompt_index), round_))
         rewards = torch.tensor([float(x) for group in plans[round_] for x in group])
         rows = [(SimpleNamespace(prompt=i, round=round_), SimpleNamespace(token_ids=[1], finish_reason="stop"))
@@ -193,8 +217,8 @@ def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ():
         return g
 
     g = make(rounds=5)
-    rows, total, _ = g._sample_and_score([3, 4], source=8)
-    kept_rows, kept, metrics = g._informative(rows, total, {"exact": total}, source=8)
+    rows, total, _ = g._sample_and_score(None, [3, 4], source=8)
+    kept_rows, kept, metrics = g._informative(None, rows, total, {"exact": total}, source=8)
     assert kept.tolist() == [0, 1, 1, 0]  # round 0's second group, then round 2's first
     assert [r.round for r, _ in kept_rows] == [0, 0, 2, 2] and kept_rows[0][0].prompt == 4
     assert [c[1] for c in calls] == [0, 1, 2]  # stopped as soon as two were kept
@@ -203,10 +227,10 @@ def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ():
     assert metrics["reward"] == pytest.approx(7 / 12)  # over every sampled completion
     drawn = calls[1:]
     calls.clear()
-    again = make(rounds=5)._informative(rows, total, {"exact": total}, source=8)
+    again = make(rounds=5)._informative(None, rows, total, {"exact": total}, source=8)
     assert again[1].tolist() == kept.tolist() and calls == drawn  # the same draws: seeded, so resumable
     # no round finds an informative group: the first round's groups stay (advantage 0, no gradient)
     plans.update({1: [[0, 0], [0, 0]], 0: [[1, 1], [0, 0]]})
-    rows, total, _ = sample_and_score([3, 4], 8)
-    kept_rows, kept, metrics = make(rounds=1)._informative(rows, total, {"exact": total}, source=8)
+    rows, total, _ = sample_and_score(None, [3, 4], 8)
+    kept_rows, kept, metrics = make(rounds=1)._informative(None, rows, total, {"exact": total}, source=8)
     assert kept.tolist() == [1, 1, 0, 0] and metrics["groups_kept"] == 0 and metrics["sampling_rounds"] == 2

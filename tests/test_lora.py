@@ -18,6 +18,7 @@ from zhllm.infer.decoder import can_fuse
 from zhllm.model.io import model_from_state_dict
 from zhllm.train.lora import (LORA_TARGETS, apply_lora, enable_neftune, folded_state_dict, freeze_params,
                               load_adapter, merge_lora, save_adapter)
+from zhllm.train.parallel import Dist
 
 VARIANTS = {
     "llama-tied": dict(arch="llama", tie_embeddings=True),
@@ -99,6 +100,36 @@ def test_folded_state_is_a_plain_model_computing_what_the_adapter_does(base_dir)
     if variant == "llama-tied":  # a LoRA on a tied lm_head would change the embeddings too: not folded
         tied = apply_lora(load_model(base), r=4, alpha=8, target=["q_proj", "lm_head"])
         assert folded_state_dict(tied) is None
+
+
+@pytest.fixture()
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield Dist(rank=0, world=2)  # as a launched run sees itself, so wrap_model shards
+    dist.destroy_process_group()
+
+
+def test_sharded_lora_model_trains_after_a_reference_forward_and_unshards_to_the_whole_model(one_process_group):
+    from zhllm.train.dpo_loss import adapters_disabled
+    from zhllm.train.parallel import unsharded_copy, wrap_model
+    model = apply_lora(new_model(tiny_config(tie_embeddings=False), seed=0), r=4, alpha=8)
+    randomise_lora_b(model)
+    whole = {k: v.clone() for k, v in folded_state_dict(model).items()}
+    model = wrap_model(model, one_process_group, "fsdp", "bf16")
+    # FSDP2 settles each group's gradient dtype at its first forward from the parameters then trainable: a first
+    # forward with the adapters off (a DPO/GRPO reference) must still see the adapters as trainable
+    with torch.no_grad(), adapters_disabled(model):
+        model(ids())
+    model(ids(seed=1)).float().logsumexp(-1).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)
+    # what a rollout decodes from: a plain, whole copy (the shards gathered) folding to the same weights
+    copy = unsharded_copy(model)
+    folded = folded_state_dict(copy)
+    assert folded is not None and set(folded) == set(whole)
+    assert all(torch.equal(folded[k], whole[k]) for k in whole)
+    assert can_fuse(model_from_state_dict(copy.config, folded))
 
 
 def test_folding_a_plain_model_does_not_import_peft():

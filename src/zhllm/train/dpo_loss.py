@@ -170,10 +170,14 @@ def adapters_disabled(model: torch.nn.Module):
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     if not layers:
         raise ZhllmError("dpo.reference 'adapter' needs a LoRA model (lora.r > 0); use 'copy' or 'precomputed'")
-    # enable_adapters(True) re-enables gradients on every adapter; restore the flags the run had instead.
+    # peft's enable_adapters toggles the adapters' requires_grad both ways; keep the run's flags throughout
+    # (the forward skips a disabled adapter anyway): FSDP2 settles each group's gradient dtype at its first
+    # forward from the parameters then trainable, and a first forward here would otherwise see none.
     grads = {p: p.requires_grad for p in model.parameters()}
     for layer in layers:
         layer.enable_adapters(False)
+    for p, g in grads.items():
+        p.requires_grad_(g)
     try:
         yield
     finally:

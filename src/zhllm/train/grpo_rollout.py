@@ -144,9 +144,10 @@ class GRPO:
 
     def _rollout(self, prompt_index: list[int], source: int, group: int) -> Rollout:
         s = self.sampling
-        rows, total, per_function = self._sample_and_score(prompt_index, source)
+        engine = self._engine()
+        rows, total, per_function = self._sample_and_score(engine, prompt_index, source)
         if self.dynamic_sampling:
-            rows, total, metrics = self._informative(rows, total, per_function, source)
+            rows, total, metrics = self._informative(engine, rows, total, per_function, source)
         else:
             metrics = _reward_metrics(total, per_function, s.group_size, [c for _, c in rows])
         advantages = group_advantages(total, s.group_size, self.scale_rewards)
@@ -162,7 +163,8 @@ class GRPO:
                     rollout.ref_logps = self._token_logps(module, rollout)[0]
         return rollout
 
-    def _informative(self, rows: list, total: torch.Tensor, per_function: dict[str, torch.Tensor], source: int):
+    def _informative(self, engine, rows: list, total: torch.Tensor, per_function: dict[str, torch.Tensor],
+                     source: int):
         """DAPO's dynamic sampling: (rows, total rewards, metrics) of only the groups whose rewards differ (a
         group that agrees has advantage 0 and teaches nothing). Up to `dynamic_sampling` more rounds sample as
         many prompts again, drawn at random (seeded by the rollout's position and the round), until the
@@ -176,7 +178,7 @@ class GRPO:
             if round_:
                 pick = np.random.default_rng([self.seed, source, round_]).choice(
                     len(self.data.records), size=min(want, len(self.data.records)), replace=False)
-                sampled.append(self._sample_and_score([int(i) for i in pick], source, round_))
+                sampled.append(self._sample_and_score(engine, [int(i) for i in pick], source, round_))
             r_rows, r_total, _ = sampled[-1]
             for j in range(0, len(r_rows), g):
                 if r_total[j:j + g].max() > r_total[j:j + g].min():
@@ -193,17 +195,13 @@ class GRPO:
         kept = kept[:want]
         return [row for r, _ in kept for row in r], torch.cat([t for _, t in kept]), metrics
 
-    def _sample_and_score(self, prompt_index: list[int], source: int, round_: int = 0):
+    def _sample_and_score(self, engine, prompt_index: list[int], source: int, round_: int = 0):
         """(rows: [(record, completion)], total rewards (N,), {function: rewards (N,)}) of `group_size` samples
         per prompt, seeded by the rollout's data position (and the dynamic-sampling round after the first)."""
         s = self.sampling
         records = [self.data.records[i] for i in prompt_index]
         entropy = [self.seed, source] + ([round_] if round_ else [])
         seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
-        from ..infer.engine import Engine
-        # A fresh engine per rollout: fused AdamW updates weights without bumping the version counters a
-        # long-lived engine's fused decode cache watches, so a kept engine could sample from stale weights.
-        engine = Engine(self._sampling_model(), self.tokenizer)
         was_training = self.policy.training
         self.policy.eval()  # LoRA dropout off while sampling
         # Sampling in the weights' own dtype: under the trainer's autocast the fused step would re-cast fp32
@@ -221,18 +219,29 @@ class GRPO:
             [len(c.token_ids) for _, c in rows])
         return rows, total, per_function
 
+    def _engine(self):
+        """A fresh engine per rollout (collective under FSDP: every rank makes one per rollout): fused AdamW
+        updates weights without bumping the version counters a long-lived engine's fused decode cache watches, so
+        a kept engine could sample from stale weights."""
+        from ..infer.engine import Engine
+        return Engine(self._sampling_model(), self.tokenizer)
+
     def _sampling_model(self) -> torch.nn.Module:
-        """The policy, or a plain copy of its current weights to decode from, made per rollout: in the sampling
-        dtype (bf16 decodes about twice as fast on a CPU with bf16 units), with a LoRA adapter folded in (the
-        fused decode step reads plain weights; through peft's layers a rollout took three times as long)."""
+        """The policy, or a plain copy of its current weights to decode from, made per rollout: the whole model
+        when it is FSDP-sharded (parallel.unsharded_copy), in the sampling dtype (bf16 decodes about twice as fast
+        on a CPU with bf16 units), with a LoRA adapter folded in (the fused decode step reads plain weights;
+        through peft's layers a rollout took three times as long)."""
         from ..infer.backends import unwrap
         from ..infer.decoder import can_fuse
         from .lora import folded_state_dict
+        from .parallel import is_fsdp, unsharded_copy
         module = unwrap(self.policy)
+        if is_fsdp(module):
+            module = unsharded_copy(module).eval()
         state = folded_state_dict(module)
         if state is None:
             if not can_fuse(module) or module.model.embed_tokens.weight.dtype == self.sample_dtype:
-                return self.policy
+                return module
             state = module.state_dict()
         from ..model.io import model_from_state_dict
         state = {k: v.detach().to(self.sample_dtype) for k, v in state.items()}

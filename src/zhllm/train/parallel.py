@@ -11,6 +11,7 @@ Steps 1 and 2 replace each layer's forward in place, so parameter names (and so 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -162,6 +163,31 @@ def full_model_state(model: nn.Module) -> dict:
     """Unsharded model weights on CPU (collective under FSDP: every rank must call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def empty_like(model: nn.Module) -> nn.Module:
+    """A weightless (meta) module of `model`'s own class, unsharded, with its LoRA layers when it has them: what
+    a full state dict (gathered FSDP shards, fp32 masters) loads into, so a checkpoint of a reward model or a LoRA
+    policy is saved as one and not as a plain causal LM missing weights."""
+    from torch.distributed.fsdp import FSDPModule
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
+    with torch.device("meta"):
+        empty = cls(model.config)
+    lora = getattr(model, "peft_config", {}).get("default")
+    if lora is not None:
+        from .lora import inject_lora
+        empty = inject_lora(empty, copy.deepcopy(lora))
+    return empty
+
+
+def unsharded_copy(model: nn.Module) -> nn.Module:
+    """The whole of an FSDP-sharded model as a plain module on every rank, on its device, sharing nothing with
+    it (collective: every rank must call it). What a rank decodes from: through the shards every token would
+    gather every layer, and ranks whose rows stop at different lengths would wait for each other for ever."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from ..model.io import model_from_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return model_from_state_dict(model.config, state, empty_like(model))
 
 
 def full_optimizer_state(model: nn.Module, optimizer, d: Dist, positional: list[str] | None = None) -> dict:

@@ -145,7 +145,7 @@ class PPO(GRPO):
 
     def _rollout(self, prompt_index: list[int], source: int, group: int) -> Rollout:
         p = self.p
-        rows, total, per_function = self._sample_and_score(prompt_index, source)
+        rows, total, per_function = self._sample_and_score(self._engine(), prompt_index, source)
         ids, positions, targets, mask = _training_rows([r.ids for r, _ in rows], [c.token_ids for _, c in rows],
                                                        self.device)
         metrics = _reward_metrics(total, per_function, self.sampling.group_size, [c for _, c in rows])

@@ -7,7 +7,6 @@ the same windows in the same steps, so resumed runs reproduce uninterrupted ones
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -256,7 +255,7 @@ class Trainer:
         if self.d.is_main:
             # the whole model as one module (shards gathered, fp32 masters in), then what the stage exports of it
             full = self.model if model_sd is None else model_from_state_dict(self.model.config, model_sd,
-                                                                               empty_like(self.model))
+                                                                               par.empty_like(self.model))
             source = self.export_model(full) if self.export_model is not None else full
             self.state.rng = capture_rng()
             extra = (lambda staging: self._write_extra(full, staging)) \
@@ -385,17 +384,3 @@ def _progress(enabled: bool, total: int, initial: int):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False, disable=None)
 
-
-def empty_like(model: torch.nn.Module) -> torch.nn.Module:
-    """A weightless (meta) module of `model`'s own class, unsharded, with its LoRA layers when it has them: what
-    a full state dict (gathered FSDP shards, fp32 masters) loads into, so a checkpoint of a reward model or a LoRA
-    policy is saved as one and not as a plain causal LM missing weights."""
-    from torch.distributed.fsdp import FSDPModule
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
-    with torch.device("meta"):
-        empty = cls(model.config)
-    lora = getattr(model, "peft_config", {}).get("default")
-    if lora is not None:
-        from .lora import inject_lora
-        empty = inject_lora(empty, copy.deepcopy(lora))
-    return empty
