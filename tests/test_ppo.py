@@ -169,8 +169,31 @@ def test_lora_policy_with_adapter_reference_resumes_bitwise(tmp_path, tiny_model
                            base["model.layers.0.self_attn.q_proj.weight"])  # the saved policy has the adapter in
 
 
+def test_activation_checkpointing_covers_the_policy_and_the_value_model(tiny_model_dir):
+    from zhllm.model.io import load_model
+    from zhllm.model.reward import load_reward_model
+    from zhllm.train.parallel import apply_activation_checkpointing, decoder_stacks
+    from zhllm.train.ppo import PolicyAndValue
+
+    def grads(checkpointed: bool):
+        both = PolicyAndValue(load_model(tiny_model_dir), load_reward_model(tiny_model_dir, train=True, seed=0))
+        assert len(decoder_stacks(both)) == 2
+        if checkpointed:
+            apply_activation_checkpointing(both)
+            assert all(type(layer.forward).__name__ == "partial"
+                       for stack in decoder_stacks(both) for layer in stack.layers)
+        ids = torch.randint(0, both.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+        logits, values = both(ids, with_values=True)
+        (logits.float().logsumexp(-1).mean() + values.square().mean()).backward()
+        return {n: p.grad for n, p in both.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert all(plain[n] is not None for n in plain if n.startswith("value.model.layers"))
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
 def test_recipe_mistakes_are_one_line_errors(tmp_path, tiny_model_dir, prompts_file, capsys):
-    for extra, needle in ((["train.compile=true"], "train.compile is not supported by ppo"),
+    for extra, needle in ((["train.parallel=fsdp"], "train.parallel=fsdp is not supported by ppo"),
                           (["ppo.cliprange=0"], "ppo.cliprange"),
                           (["eval.every=5"], "eval.every must be 0"),
                           (["lora.qlora=true"], "lora.qlora needs lora.enabled: true"),

@@ -85,9 +85,9 @@ class PpoConfig(StageConfig):
         if self.eval.every:
             raise ConfigError(f"{source}: eval.every must be 0 for ppo (its figures are the rollouts' rewards)")
         t = self.train
-        # the policy and the value model train as one module: the per-layer and sharded paths expect one model
-        for key, on in (("train.compile", t.compile), ("train.activation_checkpointing", t.activation_checkpointing),
-                        ("train.bf16_weights", t.bf16_weights), ("train.parallel=fsdp", t.parallel == "fsdp")):
+        # the policy and the value model train as one module, which checkpoints from a gathered or fp32-master
+        # state do not rebuild yet
+        for key, on in (("train.bf16_weights", t.bf16_weights), ("train.parallel=fsdp", t.parallel == "fsdp")):
             if on:
                 raise ConfigError(f"{source}: {key} is not supported by ppo yet (use ddp and fp32 weights)")
         super().validate(source)
