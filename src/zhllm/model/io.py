@@ -101,14 +101,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor],
                           model: Transformer | None = None) -> Transformer:
     """A Transformer that uses `state`'s tensors as its weights (no copy, no random init): built on the meta
-    device, filled with assign, embeddings re-tied and the RoPE buffer rebuilt on the weights' device."""
+    device (or `model`, an empty module holding one or more Transformers: PPO's policy and value), filled with
+    assign, embeddings re-tied and the RoPE buffer rebuilt on the weights' device."""
     if model is None:
         with torch.device("meta"):
             model = Transformer(cfg)
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings and model.lm_head is not None:  # a reward model has no vocabulary head
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_frequencies(cfg)[0].to(model.model.embed_tokens.weight.device)
+    for m in model.modules():
+        if isinstance(m, Transformer):
+            if m.config.tie_embeddings and m.lm_head is not None:  # a reward model has no vocabulary head
+                m.lm_head.weight = m.model.embed_tokens.weight
+            m.inv_freq = rope_frequencies(m.config)[0].to(m.model.embed_tokens.weight.device)
     return model
 
 

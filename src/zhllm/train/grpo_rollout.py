@@ -231,13 +231,9 @@ class GRPO:
         when it is FSDP-sharded (parallel.unsharded_copy), in the sampling dtype (bf16 decodes about twice as fast
         on a CPU with bf16 units), with a LoRA adapter folded in (the fused decode step reads plain weights;
         through peft's layers a rollout took three times as long)."""
-        from ..infer.backends import unwrap
         from ..infer.decoder import can_fuse
         from .lora import folded_state_dict
-        from .parallel import is_fsdp, unsharded_copy
-        module = unwrap(self.policy)
-        if is_fsdp(module):
-            module = unsharded_copy(module).eval()
+        module = self._whole_policy()
         state = folded_state_dict(module)
         if state is None:
             if not can_fuse(module) or module.model.embed_tokens.weight.dtype == self.sample_dtype:
@@ -246,6 +242,13 @@ class GRPO:
         from ..model.io import model_from_state_dict
         state = {k: v.detach().to(self.sample_dtype) for k, v in state.items()}
         return model_from_state_dict(module.config, state).eval()
+
+    def _whole_policy(self) -> torch.nn.Module:
+        """The policy module, its FSDP shards gathered into a plain copy (collective)."""
+        from ..infer.backends import unwrap
+        from .parallel import is_fsdp, unsharded_copy
+        module = unwrap(self.policy)
+        return unsharded_copy(module).eval() if is_fsdp(module) else module
 
     def _token_logps(self, model: torch.nn.Module, rollout: Rollout,
                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

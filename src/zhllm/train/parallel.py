@@ -176,7 +176,10 @@ def full_model_state(model: nn.Module) -> dict:
 def empty_like(model: nn.Module) -> nn.Module:
     """A weightless (meta) module of `model`'s own class, unsharded, with its LoRA layers when it has them: what
     a full state dict (gathered FSDP shards, fp32 masters) loads into, so a checkpoint of a reward model or a LoRA
-    policy is saved as one and not as a plain causal LM missing weights."""
+    policy is saved as one and not as a plain causal LM missing weights. A module made of several models (PPO's
+    policy and value) builds its own from its parts' (its `empty_like` method)."""
+    if hasattr(model, "empty_like"):
+        return model.empty_like()
     from torch.distributed.fsdp import FSDPModule
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
     with torch.device("meta"):

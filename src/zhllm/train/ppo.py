@@ -8,7 +8,10 @@ adapter (the checkpoint's model is then merged, the adapter under `adapter/`, as
 policy with its adapters off; the value model still trains whole. Rollouts reuse GRPO's machinery
 (grpo_rollout.py: sampling through the engine, rewards, the pending rollout in the checkpoint); the loss is
 ppo_loss.py's: per-token KL penalty to a frozen reference in the reward, GAE, whitened advantages, clipped
-policy and value losses, an entropy bonus, and a fixed or adaptive KL coefficient.
+policy and value losses, an entropy bonus, and a fixed or adaptive KL coefficient. Under FSDP both models' layers
+are sharded under one root: the reference runs through that root, rollouts decode from the gathered policy, and a
+checkpoint rebuilds the pair from the gathered state (`PolicyAndValue.empty_like`), as it does from bf16 weights'
+fp32 masters.
 """
 from __future__ import annotations
 
@@ -84,12 +87,6 @@ class PpoConfig(StageConfig):
             raise ConfigError(f"{source}: `rewards` is empty; add at least one, e.g. [{{type: exact}}]")
         if self.eval.every:
             raise ConfigError(f"{source}: eval.every must be 0 for ppo (its figures are the rollouts' rewards)")
-        t = self.train
-        # the policy and the value model train as one module, which checkpoints from a gathered or fp32-master
-        # state do not rebuild yet
-        for key, on in (("train.bf16_weights", t.bf16_weights), ("train.parallel=fsdp", t.parallel == "fsdp")):
-            if on:
-                raise ConfigError(f"{source}: {key} is not supported by ppo yet (use ddp and fp32 weights)")
         super().validate(source)
         self.lora.check(self.train, source)
         return self
@@ -107,6 +104,12 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
         self.config = policy.config  # what the trainer reads (FLOPs per token)
+
+    def empty_like(self) -> "PolicyAndValue":
+        """Weightless (meta) copies of both, unsharded, LoRA layers included: what a gathered or fp32-master
+        state loads into for a checkpoint or a rollout (parallel.empty_like)."""
+        from .parallel import empty_like
+        return PolicyAndValue(empty_like(self.policy), empty_like(self.value))
 
     def forward(self, input_ids: torch.Tensor, with_values: bool = False, **kwargs):
         logits = self.policy(input_ids, **kwargs)
@@ -139,6 +142,10 @@ class PPO(GRPO):
         if state is not None and state.is_file():
             self.kl_coef = json.loads(state.read_text())["kl_coef"]
 
+    def _whole_policy(self) -> nn.Module:
+        from .parallel import is_fsdp, unsharded_copy
+        return unsharded_copy(self.both).policy.eval() if is_fsdp(self.both) else self.policy
+
     def save_state(self, checkpoint_dir: Path) -> None:
         super().save_state(checkpoint_dir)
         (checkpoint_dir / STATE_FILE).write_text(json.dumps({"kl_coef": self.kl_coef}))
@@ -156,7 +163,7 @@ class PPO(GRPO):
             rollout.values = values.gather(1, positions) * mask
             ref = None
             if self.ref is not None:
-                module, context = self.ref(self.policy)
+                module, context = self.ref(self.both)  # through the root module: FSDP gathers there
                 with context:
                     ref = self._token_logps(module, rollout)[0]
             rewards, kl = token_rewards(total.to(self.device), rollout.old_logps, ref, mask, self.kl_coef)
