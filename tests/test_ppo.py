@@ -192,6 +192,33 @@ def test_lora_policy_under_fsdp_saves_what_ddp_saves(tmp_path, tiny_model_dir, p
     assert not torch.equal(value["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_kill_between_passes_under_torchrun_resumes_bitwise(tmp_path, tiny_model_dir, prompts_file):
+    # the checkpoint holds every rank's pending rollout (rank 1's was once sampled again), and the adaptive KL
+    # controller moves by all ranks' KL, so the coefficient rank 0 saves is every rank's
+    from safetensors.torch import load_file
+    from train_support import run_cli
+    extra = ["ppo.ppo_epochs=2", "ppo.target_kl=0.01", "ppo.kl_horizon=20", "checkpoint.every=3",
+             "train.parallel=ddp"]
+
+    def args(out):
+        return ["ppo", "--config", "tiny"] + sum((["--set", s] for s in sets(tiny_model_dir, prompts_file, out,
+                                                                             *extra)), [])
+    assert run_cli(args(tmp_path / "ref"), torchrun=2).returncode == 0
+    died = run_cli(args(tmp_path / "cut"), env={"ZHLLM_FAIL_AT_STEP": "3"}, torchrun=2)
+    assert died.returncode != 0 and (tmp_path / "cut" / "checkpoints" / "step_3" / "grpo_rollouts.pt").is_file()
+    resumed = run_cli(args(tmp_path / "cut") + ["--resume", "auto"], torchrun=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sampling it again" not in resumed.stdout + resumed.stderr
+    a, b = records(tmp_path / "ref"), records(tmp_path / "cut")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for key in ("loss", "reward", "kl", "kl_coef", "value_loss", "policy_loss", "grad_norm"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    for rel in ("model.safetensors", "value/model.safetensors"):
+        wa = load_file(str(tmp_path / "ref" / "checkpoints" / "step_6" / rel))
+        wb = load_file(str(tmp_path / "cut" / "checkpoints" / "step_6" / rel))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), rel
+
+
 def test_a_full_state_rebuilds_the_policy_and_value_pair(tiny_model_dir):
     # what a checkpoint under FSDP or with bf16 weights does: load the whole state into an empty pair
     from zhllm.model.io import load_model, model_from_state_dict

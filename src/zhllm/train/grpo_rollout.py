@@ -11,6 +11,7 @@ between two passes resumes bitwise. Sampling is seeded per rollout from (train.s
 """
 from __future__ import annotations
 
+import io
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ class GRPO:
 
     def prepare(self, trainer) -> None:
         self.data, self.policy, self.echo = trainer.train_data, trainer.model, trainer.echo
-        self.device = trainer.d.device
+        self.dist, self.device = trainer.d, trainer.d.device
         from ..device import resolve_dtype
         self.sample_dtype = resolve_dtype({"fp32": "float32", "bf16": "bfloat16"}.get(self.sampling.dtype, "auto"),
                                           self.device)
@@ -103,10 +104,22 @@ class GRPO:
                 raise ZhllmError(f"{path}: cannot read the stored rollout ({str(e).splitlines()[0]})") from None
             self.buffer = {int(k): Rollout.from_state(v) for k, v in state.items()}
 
-    def save_state(self, checkpoint_dir: Path) -> None:
-        """Called as each checkpoint is written: the rollout later passes still need (nothing when it is done)."""
-        if self.ppo_epochs > 1 and self.buffer:
-            torch.save({str(k): r.to_state() for k, r in self.buffer.items()}, checkpoint_dir / ROLLOUT_FILE)
+    def checkpoint_files(self, d) -> dict[str, bytes]:
+        """What a checkpoint stores for this objective, by file name, on rank 0 (collective: every rank calls it):
+        the rollouts that later passes still need, every rank's (keyed by their data positions, which differ per
+        rank), so a run killed between two passes resumes bit for bit under torchrun too. Nothing when none is
+        pending."""
+        if self.ppo_epochs == 1:
+            return {}
+        pending = {str(k): {n: v.cpu() if torch.is_tensor(v) else v for n, v in r.to_state().items()}
+                   for k, r in self.buffer.items()}
+        from .parallel import gather_objects
+        merged = {k: v for rank in gather_objects(d, pending) for k, v in rank.items()}
+        if not d.is_main or not merged:
+            return {}
+        buf = io.BytesIO()
+        torch.save(merged, buf)
+        return {ROLLOUT_FILE: buf.getvalue()}
 
     def loss(self, model: torch.nn.Module, batch: dict) -> GrpoOutput:
         source, pass_, group = (int(x) for x in batch["rollout"].tolist())

@@ -77,6 +77,15 @@ def all_reduce_sum(d: Dist, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def gather_objects(d: Dist, obj) -> list:
+    """Every rank's `obj` (picklable; tensors on the CPU), in rank order, on every rank."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_flag(d: Dist, flag: bool) -> bool:
     """True on every rank if any rank raised the flag (e.g. received SIGTERM)."""
     return bool(all_reduce_sum(d, [float(flag)])[0]) if d.enabled else flag

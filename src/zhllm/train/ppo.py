@@ -146,9 +146,9 @@ class PPO(GRPO):
         from .parallel import is_fsdp, unsharded_copy
         return unsharded_copy(self.both).policy.eval() if is_fsdp(self.both) else self.policy
 
-    def save_state(self, checkpoint_dir: Path) -> None:
-        super().save_state(checkpoint_dir)
-        (checkpoint_dir / STATE_FILE).write_text(json.dumps({"kl_coef": self.kl_coef}))
+    def checkpoint_files(self, d) -> dict[str, bytes]:
+        """GRPO's pending rollouts and the KL controller's state (the same on every rank)."""
+        return {**super().checkpoint_files(d), STATE_FILE: json.dumps({"kl_coef": self.kl_coef}).encode()}
 
     def _rollout(self, prompt_index: list[int], source: int, group: int) -> Rollout:
         p = self.p
@@ -172,7 +172,12 @@ class PPO(GRPO):
         kl_per_sample = float(kl.sum(1).mean())
         rollout.metrics.update({"kl": kl_per_sample, "kl_coef": self.kl_coef})
         if p.target_kl is not None:
-            self.kl_coef = adapt_kl_coef(self.kl_coef, kl_per_sample, p.target_kl, len(rows), p.kl_horizon)
+            kl_mean, samples = kl_per_sample, len(rows)
+            if self.dist.enabled:  # one controller: every rank moves it by the KL of all ranks' samples
+                from .parallel import all_reduce_sum
+                kl_sum, samples = all_reduce_sum(self.dist, [kl_per_sample * len(rows), float(len(rows))])
+                kl_mean, samples = kl_sum / samples, int(samples)
+            self.kl_coef = adapt_kl_coef(self.kl_coef, kl_mean, p.target_kl, samples, p.kl_horizon)
         return rollout
 
     def loss(self, model: nn.Module, batch: dict) -> GrpoOutput:

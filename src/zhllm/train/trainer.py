@@ -251,6 +251,7 @@ class Trainer:
                                              positional=self._positional_names())
         model_sd = par.full_model_state(self.wrapped) if self.fsdp else \
             self.master.state_dict() if self.master is not None else None
+        files = self.objective.checkpoint_files(self.d) if hasattr(self.objective, "checkpoint_files") else {}
         path = None
         if self.d.is_main:
             # the whole model as one module (shards gathered, fp32 masters in), then what the stage exports of it
@@ -258,20 +259,20 @@ class Trainer:
                                                                                par.empty_like(self.model))
             source = self.export_model(full) if self.export_model is not None else full
             self.state.rng = capture_rng()
-            extra = (lambda staging: self._write_extra(full, staging)) \
-                if self.checkpoint_extra or hasattr(self.objective, "save_state") else None
+            extra = (lambda staging: self._write_extra(full, staging, files)) \
+                if self.checkpoint_extra or files else None
             path = save_checkpoint_atomic(self.ckpt_root, self.state, source, optim_sd, self.tokenizer_dir,
                                           self.cfg.checkpoint.keep, extra)
         par.barrier(self.d)
         return path
 
-    def _write_extra(self, model: torch.nn.Module, staging: Path) -> None:
-        """The stage's files (e.g. a LoRA adapter, from the whole `model`) and the objective's state (e.g. GRPO's
-        pending rollout)."""
+    def _write_extra(self, model: torch.nn.Module, staging: Path, files: dict[str, bytes]) -> None:
+        """The stage's files (e.g. a LoRA adapter, from the whole `model`) and the objective's (e.g. GRPO's
+        pending rollouts, gathered from every rank)."""
         if self.checkpoint_extra:
             self.checkpoint_extra(model, staging)
-        if hasattr(self.objective, "save_state"):
-            self.objective.save_state(staging)
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
 
     def _weights_finite(self) -> bool:
         """This rank's weights (its shards under FSDP; the fp32 masters too when they exist) are all finite."""
