@@ -111,7 +111,7 @@ def one_process_group(tmp_path):
 
 
 def test_sharded_lora_model_trains_after_a_reference_forward_and_unshards_to_the_whole_model(one_process_group):
-    from zhllm.train.dpo_loss import adapters_disabled
+    from zhllm.train.lora import adapters_disabled
     from zhllm.train.parallel import unsharded_copy, wrap_model
     model = apply_lora(new_model(tiny_config(tie_embeddings=False), seed=0), r=4, alpha=8)
     randomise_lora_b(model)

@@ -22,13 +22,13 @@ ones, as TRL logs them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ZhllmError
+from .lora import adapters_disabled
 from .objectives import LossOutput
 
 LOSSES = ("sigmoid", "label_smoothing", "robust", "hinge", "ipo", "simpo", "orpo")
@@ -162,29 +162,6 @@ def adapter_reference(policy: torch.nn.Module) -> Reference:
             return forward_logps(policy, batch)[0]
     return logps
 
-
-@contextmanager
-def adapters_disabled(model: torch.nn.Module):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    if not layers:
-        raise ZhllmError("dpo.reference 'adapter' needs a LoRA model (lora.r > 0); use 'copy' or 'precomputed'")
-    # peft's enable_adapters toggles the adapters' requires_grad both ways; keep the run's flags throughout
-    # (the forward skips a disabled adapter anyway): FSDP2 settles each group's gradient dtype at its first
-    # forward from the parameters then trainable, and a first forward here would otherwise see none.
-    grads = {p: p.requires_grad for p in model.parameters()}
-    for layer in layers:
-        layer.enable_adapters(False)
-    for p, g in grads.items():
-        p.requires_grad_(g)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-        for p, g in grads.items():
-            p.requires_grad_(g)
 
 
 # ---------------------------------------------------------------- the objective

@@ -23,7 +23,8 @@ from ..device import to_device
 from ..errors import ZhllmError
 from ..fsutil import atomic_write_bytes
 from . import parallel as par
-from .dpo_loss import adapters_disabled, forward_logps, precomputed_reference
+from .dpo_loss import forward_logps, precomputed_reference
+from .lora import adapters_disabled
 
 REFERENCE_FILE = "reference_logps.npz"
 

@@ -327,5 +327,5 @@ class CopyReference:
 
 def adapter_reference(policy: torch.nn.Module):
     """The LoRA policy with its adapters off: the base model without a second copy."""
-    from .dpo_loss import adapters_disabled
+    from .lora import adapters_disabled
     return policy, adapters_disabled(policy)

@@ -12,6 +12,7 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -189,6 +190,32 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Inside the block the LoRA model computes as its base model: the reference of DPO, GRPO and PPO without a
+    second copy of the weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ZhllmError("an adapter reference needs a LoRA model (lora.enabled: true); use a frozen copy instead")
+    # peft's enable_adapters toggles the adapters' requires_grad both ways; keep the run's flags throughout
+    # (the forward skips a disabled adapter anyway): FSDP2 settles each group's gradient dtype at its first
+    # forward from the parameters then trainable, and a first forward here would otherwise see none.
+    grads = {p: p.requires_grad for p in model.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    for p, g in grads.items():
+        p.requires_grad_(g)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, g in grads.items():
+            p.requires_grad_(g)
 
 
 def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
