@@ -4,10 +4,11 @@ clipped, KL-regularised loss (grpo_loss.py) over `ppo_epochs` optimizer steps of
 The shared Trainer drives it like any objective: `weight` is 1 per micro-batch (each micro-batch's loss is
 already a mean, as in TRL, so a step averages its micro-batches) and `loss(model, batch)` does the work. On a
 rollout's first pass it generates through the inference engine (infer/engine.py; a LoRA policy decodes
-from a copy with its adapter folded in), computes rewards and group advantages, and, when needed, the sampling
-policy's and the reference's per-token log-probs (no gradient); later passes reuse that rollout. The rollout of the
-current step is written into each checkpoint (`grpo_rollouts.pt`) when more passes remain, so a run killed
-between two passes resumes bitwise. Sampling is seeded per rollout from (train.seed, its data position).
+from a copy with its adapter folded in, an FSDP-sharded one from a gathered copy), computes rewards and group
+advantages, and, when needed, the sampling policy's and the reference's per-token log-probs (no gradient); later
+passes reuse that rollout. The rollouts of the current step (every rank's) are written into each checkpoint
+(`grpo_rollouts.pt`) when more passes remain, so a run killed between two passes resumes bitwise. Sampling is
+seeded per rollout from (train.seed, its data position).
 """
 from __future__ import annotations
 
