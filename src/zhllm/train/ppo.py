@@ -143,6 +143,7 @@ class PPO(GRPO):
             self.kl_coef = json.loads(state.read_text())["kl_coef"]
 
     def _whole_policy(self) -> nn.Module:
+        """The policy; under FSDP its shards live under the pair's root, so the pair is gathered (collective)."""
         from .parallel import is_fsdp, unsharded_copy
         return unsharded_copy(self.both).policy.eval() if is_fsdp(self.both) else self.policy
 
