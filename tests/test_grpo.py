@@ -106,7 +106,7 @@ def test_lora_policy_with_adapter_reference(tmp_path, tiny_model_dir, prompts_fi
 def test_lora_policy_under_fsdp_trains_as_under_ddp(tmp_path, tiny_model_dir, prompts_file, dense_reward):
     # each rank decodes from a gathered copy: through the shards, a rank whose rows stopped sooner paired its next
     # collectives with the other's decode steps (wrong weights, different samples) or waited for ever
-    from train_support import run_cli
+    from train_support import run_on_two_ranks
     rs = {}
     for parallel in ("fsdp", "ddp"):
         args = ["grpo", "--config", "tiny"] + sum((["--set", s] for s in sets(
@@ -115,10 +115,7 @@ def test_lora_policy_under_fsdp_trains_as_under_ddp(tmp_path, tiny_model_dir, pr
             # rows stop early, at lengths that differ between the ranks: what the random model often writes
             "grpo.stop_strings=[a, h, 不, '：', '3', T, '(', 学, 习, 个, 中, 公, W, 从]",
             dense_reward)), [])
-        proc = run_cli(args, torchrun=2)
-        if proc.returncode != 0 and "gloo" in proc.stderr.lower() and "not supported" in proc.stderr.lower():
-            pytest.skip("FSDP2 collectives are not supported by gloo in this torch build")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_on_two_ranks(args)
         rs[parallel] = records(tmp_path / parallel)
     assert [r["step"] for r in rs["fsdp"]] == [1, 2]
     for key in ("reward", "completions/mean_length", "kl", "loss", "grad_norm"):

@@ -163,7 +163,6 @@ def adapter_reference(policy: torch.nn.Module) -> Reference:
     return logps
 
 
-
 # ---------------------------------------------------------------- the objective
 
 @dataclass

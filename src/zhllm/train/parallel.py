@@ -176,10 +176,12 @@ def is_fsdp(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync")
 
 
-def full_model_state(model: nn.Module) -> dict:
-    """Unsharded model weights on CPU (collective under FSDP: every rank must call it)."""
+def full_model_state(model: nn.Module, every_rank: bool = False) -> dict:
+    """Unsharded model weights (collective under FSDP: every rank must call it): on CPU on rank 0 (others get
+    none), or with `every_rank` on every rank, on the model's device."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    return get_model_state_dict(model, options=options)
 
 
 def empty_like(model: nn.Module) -> nn.Module:
@@ -200,14 +202,17 @@ def empty_like(model: nn.Module) -> nn.Module:
     return empty
 
 
+def module_from_state(model: nn.Module, state: dict) -> nn.Module:
+    """An unsharded module like `model` (its class, its LoRA layers) holding `state`, a full state dict."""
+    from ..model.io import model_from_state_dict
+    return model_from_state_dict(model.config, state, empty_like(model))
+
+
 def unsharded_copy(model: nn.Module) -> nn.Module:
     """The whole of an FSDP-sharded model as a plain module on every rank, on its device, sharing nothing with
     it (collective: every rank must call it). What a rank decodes from: through the shards every token would
     gather every layer, and ranks whose rows stop at different lengths would wait for each other for ever."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from ..model.io import model_from_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return model_from_state_dict(model.config, state, empty_like(model))
+    return module_from_state(model, full_model_state(model, every_rank=True))
 
 
 def full_optimizer_state(model: nn.Module, optimizer, d: Dist, positional: list[str] | None = None) -> dict:

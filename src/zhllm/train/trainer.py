@@ -21,7 +21,6 @@ import torch
 from ..device import to_device
 from ..errors import ZhllmError
 from ..eval.loss import evaluate_loss
-from ..model.io import model_from_state_dict
 from ..model.moe import record_router_logits, router_loss_terms
 from . import parallel as par
 from .config import StageConfig
@@ -255,8 +254,7 @@ class Trainer:
         path = None
         if self.d.is_main:
             # the whole model as one module (shards gathered, fp32 masters in), then what the stage exports of it
-            full = self.model if model_sd is None else model_from_state_dict(self.model.config, model_sd,
-                                                                               par.empty_like(self.model))
+            full = self.model if model_sd is None else par.module_from_state(self.model, model_sd)
             source = self.export_model(full) if self.export_model is not None else full
             self.state.rng = capture_rng()
             extra = (lambda staging: self._write_extra(full, staging, files)) \
@@ -384,4 +382,3 @@ def _progress(enabled: bool, total: int, initial: int):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False, disable=None)
-
