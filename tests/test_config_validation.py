@@ -111,3 +111,17 @@ def test_a_partial_section_keeps_the_stages_own_defaults():
     assert TrainSection().warmup_steps != default.warmup_steps  # the two defaults differ, so the test can fail
     with pytest.raises(ConfigError, match="train.warmup_steps"):
         from_dict(GrpoConfig, {"train": {"warmup_steps": -1}})
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_a_whitespace_stop_string_is_allowed_and_an_empty_one_is_not(stage):
+    """"\\n" is the commonest stop string; only "" (which would stop every answer at once) is a mistake."""
+    from zhllm.config import from_dict
+    from zhllm.train.grpo import GrpoConfig
+    from zhllm.train.ppo import PpoConfig
+
+    config = {"grpo": GrpoConfig, "ppo": PpoConfig}[stage]
+    section = getattr(from_dict(config, {stage: {"stop_strings": ["\n", " ", "答案"]}}), stage)
+    assert section.stop_strings == ["\n", " ", "答案"]
+    with pytest.raises(ConfigError, match=rf"'{stage}.stop_strings\[1\]' must not be empty"):
+        from_dict(config, {stage: {"stop_strings": ["\n", ""]}})

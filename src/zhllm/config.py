@@ -33,11 +33,13 @@ class Check:
     le: float | None = None
     lt: float | None = None
     nonblank: bool = False  # strings: an empty path would silently mean the working directory
+    nonempty: bool = False  # strings that may be whitespace (the stop string "\n") but not ""
 
     def problem(self, value) -> str | None:
         """What is wrong with `value`, as the end of "'key' must ...", or None when it is allowed."""
         if isinstance(value, str):
-            return "not be empty" if self.nonblank and not value.strip() else None
+            blank = (self.nonblank and not value.strip()) or (self.nonempty and not value)
+            return "not be empty" if blank else None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
         ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
@@ -60,12 +62,12 @@ def _num(x: float) -> str:
 
 def checked(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
             ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
-            nonblank: bool = False) -> Any:
+            nonblank: bool = False, nonempty: bool = False) -> Any:
     """A dataclass field whose configured value `from_dict` checks: `lr: float = checked(3e-4, gt=0)`.
 
     None (for Optional fields) is always allowed; for list fields every item is checked."""
     return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={CHECK: Check(ge=ge, gt=gt, le=le, lt=lt, nonblank=nonblank)})
+                             metadata={CHECK: Check(ge=ge, gt=gt, le=le, lt=lt, nonblank=nonblank, nonempty=nonempty)})
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -38,7 +38,7 @@ class GrpoSection:
     temperature: float = checked(1.0, gt=0)
     top_p: float = checked(1.0, gt=0, le=1)
     top_k: int = checked(0, ge=0)
-    stop_strings: list[str] = checked(default_factory=list, nonblank=True)
+    stop_strings: list[str] = checked(default_factory=list, nonempty=True)
     ppo_epochs: int = checked(1, ge=1)         # optimizer steps on each rollout batch
     loss_type: Literal["grpo", "dr_grpo", "bnpo"] = "grpo"
     scale_rewards: bool = True                 # divide advantages by the group's std (Dr. GRPO: false)

@@ -45,7 +45,7 @@ class PpoSection:
     temperature: float = checked(1.0, gt=0)
     top_p: float = checked(1.0, gt=0, le=1)
     top_k: int = checked(0, ge=0)
-    stop_strings: list[str] = checked(default_factory=list, nonblank=True)
+    stop_strings: list[str] = checked(default_factory=list, nonempty=True)
     ppo_epochs: int = checked(2, ge=1)          # optimizer steps on each rollout
     gamma: float = checked(1.0, ge=0, le=1)
     lam: float = checked(0.95, ge=0, le=1)
