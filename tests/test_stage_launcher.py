@@ -192,3 +192,27 @@ def test_eval_does_not_import_train():
             "print([m for m in sys.modules if m.startswith('zhllm.train')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_fine_tuning_stage_refuses_a_tokenizer_bigger_than_the_model(tmp_path, tokenizer_dir, lora):
+    """SFT, DPO, GRPO, PPO and the reward model load their policy through one function, which names the model
+    directory when its tokenizer has ids the embedding cannot look up (they would index out of range mid-run)."""
+    from zhllm.model.io import save_model
+    from zhllm.model.reward import load_reward_model
+    from zhllm.tokenizer.load import load_tokenizer
+    from zhllm.train.grpo import GrpoConfig
+    from zhllm.train.run import StageRun
+    from zhllm.train.sft import LoraSection, load_policy
+
+    tok = load_tokenizer(tokenizer_dir)
+    small = save_model(new_model(model_config_from("tiny", {"vocab_size": len(tok) - 8}), seed=0), tmp_path / "m",
+                       tokenizer=tokenizer_dir)
+    run = StageRun(cfg=GrpoConfig(lora=LoraSection(enabled=lora)), source="recipe.yaml", resume_dir=None,
+                   init_from=str(small), tokenizer=tok)
+    for load in (None, lambda path: load_reward_model(path, train=True)):
+        with pytest.raises(ZhllmError, match=f"{small}: tokenizer has {len(tok)} tokens, the model only {len(tok) - 8}"):
+            load_policy(run, load=load)
+    run.init_from = str(save_model(new_model(model_config_from("tiny", {"vocab_size": len(tok)}), seed=0),
+                                   tmp_path / "fits", tokenizer=tokenizer_dir))  # a model that fits
+    assert load_policy(run).training

@@ -128,18 +128,10 @@ def dpo_objective(run: StageRun, model: torch.nn.Module) -> DPO:
     return DPO(d.loss, d.beta, d.label_smoothing, d.gamma, d.rpo_alpha, reference=reference)
 
 
-def build_dpo_model(run: StageRun, train) -> torch.nn.Module:
-    model = load_policy(run.cfg.lora, run.init_from, run.resume_dir).train()
-    if len(run.tokenizer) > model.config.vocab_size:
-        raise ZhllmError(f"{run.init_from}: tokenizer has {len(run.tokenizer)} tokens, the model only "
-                         f"{model.config.vocab_size}")
-    return model
-
-
 DPO_STAGE = Stage(
     name="dpo", config=DpoConfig, objective=dpo_objective, prepare=resolve_init_from,
     open_data=lambda run: open_preference_data(run.cfg, run.tokenizer, log=run.echo),
-    build_model=build_dpo_model,
+    build_model=lambda run, train: load_policy(run),
     checkpoint_hooks=lambda run: lora_checkpoint_hooks(run.init_from) if run.cfg.lora.enabled else (None, None))
 
 

@@ -144,17 +144,9 @@ def grpo_objective(run: StageRun, model: torch.nn.Module):
                 dynamic_sampling=g.dynamic_sampling)
 
 
-def build_grpo_model(run: StageRun, train) -> torch.nn.Module:
-    model = load_policy(run.cfg.lora, run.init_from, run.resume_dir).train()
-    if len(run.tokenizer) > model.config.vocab_size:
-        raise ZhllmError(f"{run.init_from}: tokenizer has {len(run.tokenizer)} tokens, the model only "
-                         f"{model.config.vocab_size}")
-    return model
-
-
 GRPO_STAGE = Stage(
     name="grpo", config=GrpoConfig, objective=grpo_objective, prepare=prepare_grpo, open_data=open_prompts,
-    build_model=build_grpo_model,
+    build_model=lambda run, train: load_policy(run),
     checkpoint_hooks=lambda run: lora_checkpoint_hooks(run.init_from) if run.cfg.lora.enabled else (None, None))
 
 

@@ -223,14 +223,11 @@ def build_ppo_model(run: StageRun, train) -> nn.Module:
     from ..model.reward import load_reward_model
     from .sft import load_policy
     cfg: PpoConfig = run.cfg
-    policy = load_policy(cfg.lora, run.init_from, run.resume_dir).train()
+    policy = load_policy(run)
     value_from = run.resume_dir / VALUE_DIR if run.resume_dir is not None else (cfg.value.init_from or run.init_from)
     if not Path(value_from).is_dir():
         raise ZhllmError(f"value model {value_from}: no such directory")
     value = load_reward_model(value_from, train=True, seed=cfg.train.seed)
-    if len(run.tokenizer) > policy.config.vocab_size:
-        raise ZhllmError(f"{run.init_from}: tokenizer has {len(run.tokenizer)} tokens, the model only "
-                         f"{policy.config.vocab_size}")
     return PolicyAndValue(policy, value)
 
 

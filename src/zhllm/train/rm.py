@@ -99,18 +99,13 @@ class BradleyTerry:
 
 
 def build_reward_model(run: StageRun, train) -> torch.nn.Module:
-    from ..errors import ZhllmError
     from ..model.reward import load_reward_model
     cfg = run.cfg
     # with LoRA: the base's backbone and a new head (a resume loads the adapter and the head from adapter/)
-    model = load_policy(cfg.lora, run.init_from, run.resume_dir,
-                        load=lambda path: load_reward_model(path, train=True, seed=cfg.train.seed))
+    model = load_policy(run, load=lambda path: load_reward_model(path, train=True, seed=cfg.train.seed))
     if cfg.lora.enabled:
         for name in HEAD:
             model.get_submodule(name).requires_grad_(True)
-    if len(run.tokenizer) > model.config.vocab_size:
-        raise ZhllmError(f"{run.init_from}: tokenizer has {len(run.tokenizer)} tokens, the model only "
-                         f"{model.config.vocab_size}")
     if model.config.pad_token_id is None:
         # transformers finds each row's last token by its pad id; the batches pad with this one (open_preference_data)
         tok = run.tokenizer

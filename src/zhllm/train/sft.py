@@ -116,15 +116,19 @@ def open_sft_data(cfg: SftConfig, tokenizer, log=print):
     return train, val
 
 
-def load_policy(lora: LoraSection, init_from: str, resume_dir: Path | None,
-                load: Callable[[str | Path], torch.nn.Module] | None = None) -> torch.nn.Module:
-    """Base weights (or a full-FT checkpoint to resume) with LoRA as configured: what SFT, DPO, GRPO and PPO
-    train. `load(dir)` reads a model (default: the causal LM in fp32; the reward model stage passes its own)."""
+def load_policy(run: StageRun, load: Callable[[str | Path], torch.nn.Module] | None = None) -> torch.nn.Module:
+    """Base weights (or a full-FT checkpoint to resume) with LoRA as `run.cfg.lora` says, in train mode: what
+    SFT, DPO, GRPO, PPO and the reward model train. `load(dir)` reads a model (default: the causal LM in fp32;
+    the reward model stage passes its own)."""
     from ..model.io import load_model
     from .lora import apply_lora, load_adapter
     load = load or (lambda path: load_model(path, dtype=torch.float32, train=True))
+    lora, resume_dir = run.cfg.lora, run.resume_dir
     full_resume = resume_dir is not None and not lora.enabled
-    model = load(resume_dir if full_resume else init_from)
+    model = load(resume_dir if full_resume else run.init_from)
+    if len(run.tokenizer) > model.config.vocab_size:
+        raise ZhllmError(f"{run.init_from}: tokenizer has {len(run.tokenizer)} tokens, the model only "
+                         f"{model.config.vocab_size}")
     if lora.enabled:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -134,18 +138,19 @@ def load_policy(lora: LoraSection, init_from: str, resume_dir: Path | None,
                 p.requires_grad_("lora_" in n)
         else:
             model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target, lora.rslora, lora.qlora)
-    return model
+    return model.train()
 
 
-def prepare_model(cfg: SftConfig, init_from: str, resume_dir: Path | None):
+def build_sft_model(run: StageRun, train) -> torch.nn.Module:
     """The policy (load_policy), then freezing / NEFTune as configured."""
     from .lora import enable_neftune, freeze_params
-    model = load_policy(cfg.lora, init_from, resume_dir)
+    cfg: SftConfig = run.cfg
+    model = load_policy(run)
     if cfg.freeze.embeddings or cfg.freeze.first_layers:
         freeze_params(model, cfg.freeze.embeddings, cfg.freeze.first_layers)
     if cfg.neftune_alpha > 0:
         enable_neftune(model, cfg.neftune_alpha)
-    return model.train()
+    return model
 
 
 def merged_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -193,14 +198,6 @@ def resolve_init_from(run: StageRun) -> None:
         raise ConfigError(f"{run.source}: model.init_from {init_from}: no such model directory")
     run.init_from = run.tokenizer_dir = init_from
     run.tokenizer = load_tokenizer(init_from)
-
-
-def build_sft_model(run: StageRun, train) -> torch.nn.Module:
-    model = prepare_model(run.cfg, run.init_from, run.resume_dir)
-    if len(run.tokenizer) > model.config.vocab_size:
-        raise ZhllmError(f"{run.init_from}: tokenizer has {len(run.tokenizer)} tokens, the model only "
-                         f"{model.config.vocab_size}")
-    return model
 
 
 SFT = Stage(
