@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,16 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     assert (run / "dpo" / "run" / "reference_logps.npz").is_file()
     for m in ev.values():
         assert 0 < m["val_bpb"] < 20 and 0.0 <= m["task_accuracy"] <= 1.0 and m["tasks"] == 4
+    # every answer carries its task's kind, and the per-kind tallies add up to the stage's accuracy
+    from zhllm.demo import eval_tasks
+    kind_of = {t.question: t.kind for t in eval_tasks(4, 0)}
+    for stage, m in ev.items():
+        rows = [json.loads(line) for line in (run / "eval" / f"answers_{stage}.jsonl").read_text().splitlines()]
+        assert [r["kind"] for r in rows] == [kind_of[r["question"]] for r in rows]
+        tallies = m["tasks_right_by_kind"]
+        assert {k: n for k, (_, n) in tallies.items()} == dict(Counter(r["kind"] for r in rows))
+        assert sum(right for right, _ in tallies.values()) == sum(r["correct"] for r in rows) == \
+            round(m["task_accuracy"] * 4)
     # the eval table's pretrain row re-measures training's last periodic eval: same checkpoint, same windows
     # (training ran it in bf16 or fp32, the eval stage in fp32)
     from zhllm.train.metrics import read_metrics
@@ -103,7 +114,9 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     assert "The pretrain row re-measures the training section's last val loss" in report
     for needle in ("## What ran", "## Evaluation", "| pretrain |", "| sft |", "| dpo |", "| grpo |", "zhllm chat",
                    ".png", "preference accuracy", "![dpo rewards]", "### grpo", "started from the dpo model; rewards: exact",
-                   "mean reward of the sampled answers", "![grpo reward]", "grpo/run/checkpoints"):
+                   "mean reward of the sampled answers", "![grpo reward]", "grpo/run/checkpoints",
+                   "Right answers per task kind", "| kind | tasks | pretrain | sft | dpo | grpo |",
+                   *(f"| {kind} | " for kind in ev["grpo"]["tasks_right_by_kind"])):
         assert needle in report
     for png in Path(results["pretrain"]["run_dir"]).glob("plots/*.png"):
         assert png.stat().st_size > 1000

@@ -54,7 +54,8 @@ def open_val_windows(shards_dir: str, seq_len: int):
 def evaluate_pipeline_models(models: dict[str, str], shards_dir: str, out_dir: Path, cfg, seq_len: int,
                              seed: int, batch_size: int, batches: int, log=print) -> dict:
     """Every model on the same windows (the first `batches * batch_size` of the val split, in fp32 from its
-    checkpoint) and the same held-out tasks; writes eval.json and answers_<stage>.jsonl."""
+    checkpoint) and the same held-out tasks; writes eval.json and answers_<stage>.jsonl (each answer with its
+    task kind)."""
     from ..model.io import load_model
     from ..tokenizer.load import load_tokenizer
     data, split = open_val_windows(shards_dir, seq_len)
@@ -65,8 +66,11 @@ def evaluate_pipeline_models(models: dict[str, str], shards_dir: str, out_dir: P
         metrics = evaluate_loss(model, NextTokenLoss(), data, batch_size, batches)
         metrics["val_split"] = split
         rows = run_task(task, model, tok, chat=stage != "pretrain", max_new_tokens=cfg.max_new_tokens)
+        for row, item in zip(rows, task.items()):
+            row["kind"] = item.meta["task"].kind
         metrics["task_accuracy"] = accuracy(rows)
         metrics["tasks"] = len(rows)
+        metrics["tasks_right_by_kind"] = right_by_kind(rows)
         atomic_write_text(out_dir / f"answers_{stage}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         log(f"[eval] {stage}: val_loss {metrics['val_loss']:.4f}  bpb {metrics['val_bpb']:.4f} "
@@ -75,6 +79,16 @@ def evaluate_pipeline_models(models: dict[str, str], shards_dir: str, out_dir: P
         table[stage] = {**metrics, "checkpoint": path}
     atomic_write_text(out_dir / "eval.json", json.dumps(table, indent=2, ensure_ascii=False))
     return table
+
+
+def right_by_kind(rows: list[dict]) -> dict[str, list[int]]:
+    """{task kind: [answers right, tasks]}, kinds in the order they first appear: where a stage gains."""
+    out: dict[str, list[int]] = {}
+    for row in rows:
+        tally = out.setdefault(row["kind"], [0, 0])
+        tally[0] += bool(row["correct"])
+        tally[1] += 1
+    return out
 
 
 def pretrain_eval_windows(run_dir: str | Path) -> tuple[int, int, int]:

@@ -99,6 +99,21 @@ def _grpo_lines(r: dict) -> list[str]:
     return out
 
 
+def _kind_table(ev: dict) -> list[str]:
+    """Held-out answers right per task kind and model: which skills each stage adds (empty for an eval made
+    before the breakdown existed)."""
+    stages = [s for s, m in ev.items() if m.get("tasks_right_by_kind")]
+    if not stages:
+        return []
+    kinds = list(dict.fromkeys(k for s in stages for k in ev[s]["tasks_right_by_kind"]))
+    lines = ["Right answers per task kind:", "", "| kind | tasks | " + " | ".join(stages) + " |",
+             "|---|---:|" + "---:|" * len(stages)]
+    for kind in kinds:
+        counts = [ev[s]["tasks_right_by_kind"].get(kind, [0, 0]) for s in stages]
+        lines.append(f"| {kind} | {max(n for _, n in counts)} | " + " | ".join(str(r) for r, _ in counts) + " |")
+    return lines + [""]
+
+
 def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
     from ..train.metrics import plot_run
     lines = [f"# zhllm pipeline report: {cfg.name}", ""]
@@ -158,7 +173,7 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
         for stage, m in ev.items():
             lines.append(f"| {stage} | {_fmt(m['val_loss'])} | {_fmt(m['val_ppl'], 2)} | {_fmt(m['val_bpb'])} | "
                          f"{m['task_accuracy']:.1%} ({m['tasks']} tasks) |")
-        lines.append("")
+        lines += ["", *_kind_table(ev)]
         chat_stage = next((s for s in ("grpo", "dpo", "sft") if (run_dir / "eval" / f"answers_{s}.jsonl").is_file()), None)
         answers = run_dir / "eval" / f"answers_{chat_stage}.jsonl"
         if chat_stage:
