@@ -15,7 +15,8 @@ def register(root, groups) -> None:
     p = root.add_parser(
         "grpo", help="GRPO: reinforcement learning of a chat model from rule or function rewards",
         description="Sample several completions per prompt with the current policy, score them with rule rewards "
-                    "(exact answer, numeric answer, format, length penalty) or your own module:function, and "
+                    "(exact answer, numeric answer, format, length penalty), a reward model (`zhllm rm`) or your "
+                    "own module:function, summed with weights, and "
                     "train on group-normalised advantages with a clipped objective and an optional KL to the "
                     "starting model (a frozen copy, or the LoRA base with adapters off). Same loop, checkpoints, "
                     "exact resume and metrics as `zhllm sft` and `zhllm dpo train`.")
