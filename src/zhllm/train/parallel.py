@@ -210,8 +210,9 @@ def module_from_state(model: nn.Module, state: dict) -> nn.Module:
 
 def unsharded_copy(model: nn.Module) -> nn.Module:
     """The whole of an FSDP-sharded model (or of one model inside it: PPO's policy) as a plain module on every
-    rank, on its device, sharing nothing with it (collective: every rank must call it). What a rank decodes from: through the shards every token would
-    gather every layer, and ranks whose rows stop at different lengths would wait for each other for ever."""
+    rank, on its device, sharing nothing with it (collective: every rank must call it). What a rank decodes from:
+    through the shards every token would gather every layer, and ranks whose rows stop at different lengths would
+    wait for each other for ever."""
     return module_from_state(model, full_model_state(model, every_rank=True))
 
 
