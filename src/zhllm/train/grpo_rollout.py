@@ -91,7 +91,7 @@ class GRPO:
 
     def prepare(self, trainer) -> None:
         self.data, self.policy, self.echo = trainer.train_data, trainer.model, trainer.echo
-        self.dist, self.device = trainer.d, trainer.d.device
+        self.dist, self.device, self.sharded = trainer.d, trainer.d.device, trainer.fsdp
         from ..device import resolve_dtype
         self.sample_dtype = resolve_dtype({"fp32": "float32", "bf16": "bfloat16"}.get(self.sampling.dtype, "auto"),
                                           self.device)
@@ -258,11 +258,12 @@ class GRPO:
         return model_from_state_dict(module.config, state).eval()
 
     def _whole_policy(self) -> torch.nn.Module:
-        """The policy module, its FSDP shards gathered into a plain copy (collective)."""
+        """The policy module; under FSDP its shards gathered into a plain copy (collective). PPO's policy is one
+        of two models under the sharded root: only it is gathered."""
         from ..infer.backends import unwrap
-        from .parallel import is_fsdp, unsharded_copy
+        from .parallel import unsharded_copy
         module = unwrap(self.policy)
-        return unsharded_copy(module).eval() if is_fsdp(module) else module
+        return unsharded_copy(module).eval() if self.sharded else module
 
     def _token_logps(self, model: torch.nn.Module, rollout: Rollout,
                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

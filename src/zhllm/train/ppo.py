@@ -142,11 +142,6 @@ class PPO(GRPO):
         if state is not None and state.is_file():
             self.kl_coef = json.loads(state.read_text())["kl_coef"]
 
-    def _whole_policy(self) -> nn.Module:
-        """The policy; under FSDP its shards are gathered into a plain copy (collective), the value model's not."""
-        from .parallel import is_fsdp, unsharded_copy
-        return unsharded_copy(self.policy).eval() if is_fsdp(self.both) else self.policy
-
     def checkpoint_files(self, d) -> dict[str, bytes]:
         """GRPO's pending rollouts and the KL controller's state (the same on every rank)."""
         return {**super().checkpoint_files(d), STATE_FILE: json.dumps({"kl_coef": self.kl_coef}).encode()}
