@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from train_support import make_shards, train_losses
+from train_support import make_shards, set_args, train_losses
 from zhllm.cli import main
 from zhllm.train.distill import distill_losses, run_distill
 
@@ -69,12 +69,11 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, shards, corpus, cap
     other_tok = train_tokenizer_from_texts(corpus, vocab_size=320, out_dir=tmp_path / "tok")
     other = save_model(new_model(model_config_from("tiny", {"vocab_size": len(load_tokenizer(other_tok))})),
                        tmp_path / "teacher", tokenizer=other_tok)
-    argv = ["distill", "--config", "tiny"] + sum((["--set", s] for s in sets(other, shards, tmp_path / "x")), [])
+    argv = ["distill", "--config", "tiny"] + set_args(sets(other, shards, tmp_path / "x"))
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "use different tokenizers" in err and len(err.splitlines()) == 1, err
-    argv = ["distill", "--config", "tiny"] + sum((["--set", s] for s in sets(tmp_path / "nope", shards,
-                                                                              tmp_path / "y")), [])
+    argv = ["distill", "--config", "tiny"] + set_args(sets(tmp_path / "nope", shards, tmp_path / "y"))
     assert main(argv) == 2
     assert "teacher.path" in capsys.readouterr().err
 

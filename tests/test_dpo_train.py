@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import shared_data
+from train_support import set_args
 from zhllm.cli import main
 from zhllm.train.dpo import run_dpo
 
@@ -130,7 +131,7 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, tiny_model_dir, pairs_fil
                                  "gamma applies to the simpo loss"),
                                 (["dpo", "--config", "tiny"], ["data.max_prompt_len=64"], "leaves no room"),
                                 (["dpo"], [], "name a subcommand")):
-        argv = base + sum((["--set", s] for s in sets(tiny_model_dir, pairs_file, tmp_path / "x", *extra)), [])
+        argv = base + set_args(sets(tiny_model_dir, pairs_file, tmp_path / "x", *extra))
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err

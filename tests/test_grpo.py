@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from train_support import run_on_two_ranks, set_args
 from zhllm.cli import main
 from zhllm.infer.prompts import encode_prompt
 from zhllm.tokenizer.load import load_tokenizer
@@ -106,15 +107,14 @@ def test_lora_policy_with_adapter_reference(tmp_path, tiny_model_dir, prompts_fi
 def test_lora_policy_under_fsdp_trains_as_under_ddp(tmp_path, tiny_model_dir, prompts_file, dense_reward):
     # each rank decodes from a gathered copy: through the shards, a rank whose rows stopped sooner paired its next
     # collectives with the other's decode steps (wrong weights, different samples) or waited for ever
-    from train_support import run_on_two_ranks
     rs = {}
     for parallel in ("fsdp", "ddp"):
-        args = ["grpo", "--config", "tiny"] + sum((["--set", s] for s in sets(
+        args = ["grpo", "--config", "tiny"] + set_args(sets(
             tiny_model_dir, prompts_file, tmp_path / parallel, "lora.enabled=true", "lora.r=4", "lora.dropout=0",
             "grpo.beta=0.1", "train.max_steps=2", "grpo.max_new_tokens=24", f"train.parallel={parallel}",
             # rows stop early, at lengths that differ between the ranks: what the random model often writes
             "grpo.stop_strings=[a, h, 不, '：', '3', T, '(', 学, 习, 个, 中, 公, W, 从]",
-            dense_reward)), [])
+            dense_reward))
         run_on_two_ranks(args)
         rs[parallel] = records(tmp_path / parallel)
     assert [r["step"] for r in rs["fsdp"]] == [1, 2]
@@ -135,13 +135,13 @@ def test_bad_prompt_records_are_skipped_or_named(tmp_path, tiny_model_dir, capsy
     run_grpo("tiny", sets(tiny_model_dir, data, out, "train.max_steps=1", "train.batch_size=2"))
     log = capsys.readouterr().out
     assert f"{data}:2: missing answer" in log and "2 prompts" in log
-    code = main(["grpo", "--config", "tiny", *sum((["--set", s] for s in sets(
-        tiny_model_dir, data, tmp_path / "strict", "data.strict=true")), [])])
+    code = main(["grpo", "--config", "tiny", *set_args(sets(
+        tiny_model_dir, data, tmp_path / "strict", "data.strict=true"))])
     assert code == 2
     assert f"zhllm: error: {data}:2: missing answer" in capsys.readouterr().err
     data.write_text(json.dumps({"question": "没有 prompt 字段"}, ensure_ascii=False) + "\n")
-    assert main(["grpo", "--config", "tiny", *sum((["--set", s] for s in sets(
-        tiny_model_dir, data, tmp_path / "none")), [])]) == 2
+    assert main(["grpo", "--config", "tiny", *set_args(sets(
+        tiny_model_dir, data, tmp_path / "none"))]) == 2
     err = capsys.readouterr().err
     assert "no usable prompt" in err and f"{data}:1: no prompt or messages field" in err
 
@@ -150,7 +150,7 @@ def test_broken_reward_function_is_named_before_training(tmp_path, tiny_model_di
     module = tmp_path / "my_rewards.py"
     module.write_text("def score(prompts, completions, answer, **kw):\n    return {'not': 'a list'}\n")
     base = sets(tiny_model_dir, prompts_file, tmp_path / "run", "train.max_steps=1")
-    args = ["grpo", "--config", "tiny", *sum((["--set", s] for s in base), [])]
+    args = ["grpo", "--config", "tiny", *set_args(base)]
     rewards = f"rewards=[{{type: function, function: '{module}:score'}}]"
     assert main(args + ["--set", rewards]) == 2
     err = capsys.readouterr().err

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from test_grpo import QUESTIONS
+from train_support import run_cli, run_on_two_ranks, set_args
 from zhllm.cli import main
 from zhllm.train.ppo import run_ppo
 from zhllm.train.ppo_loss import adapt_kl_coef, gae, ppo_loss, token_rewards, whiten
@@ -173,11 +174,10 @@ def test_lora_policy_under_fsdp_saves_what_ddp_saves(tmp_path, tiny_model_dir, p
     # rollouts decode from the gathered policy, the reference runs through the sharded root, and a checkpoint
     # rebuilds the pair from the gathered state: the merged policy, adapter and value model equal DDP's
     from safetensors.torch import load_file
-    from train_support import run_on_two_ranks
     for parallel in ("fsdp", "ddp"):
-        args = ["ppo", "--config", "tiny"] + sum((["--set", s] for s in sets(
+        args = ["ppo", "--config", "tiny"] + set_args(sets(
             tiny_model_dir, prompts_file, tmp_path / parallel, "lora.enabled=true", "lora.r=4", "train.max_steps=2",
-            "checkpoint.every=2", f"train.parallel={parallel}")), [])
+            "checkpoint.every=2", f"train.parallel={parallel}"))
         run_on_two_ranks(args)
     assert [r["step"] for r in records(tmp_path / "fsdp")] == [1, 2]
     for rel in ("adapter/adapter_model.safetensors", "model.safetensors", "value/model.safetensors"):
@@ -193,13 +193,11 @@ def test_kill_between_passes_under_torchrun_resumes_bitwise(tmp_path, tiny_model
     # the checkpoint holds every rank's pending rollout (rank 1's was once sampled again), and the adaptive KL
     # controller moves by all ranks' KL, so the coefficient rank 0 saves is every rank's
     from safetensors.torch import load_file
-    from train_support import run_cli, run_on_two_ranks
     extra = ["ppo.ppo_epochs=2", "ppo.target_kl=0.01", "ppo.kl_horizon=20", "checkpoint.every=3",
              "train.parallel=ddp"]
 
     def args(out):
-        return ["ppo", "--config", "tiny"] + sum((["--set", s] for s in sets(tiny_model_dir, prompts_file, out,
-                                                                             *extra)), [])
+        return ["ppo", "--config", "tiny"] + set_args(sets(tiny_model_dir, prompts_file, out, *extra))
     run_on_two_ranks(args(tmp_path / "ref"))
     died = run_cli(args(tmp_path / "cut"), env={"ZHLLM_FAIL_AT_STEP": "3"}, torchrun=2)
     assert died.returncode != 0 and (tmp_path / "cut" / "checkpoints" / "step_3" / "grpo_rollouts.pt").is_file()
@@ -264,8 +262,8 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, tiny_model_dir, prompts_f
                           (["eval.every=5"], "eval.every must be 0"),
                           (["lora.qlora=true"], "lora.qlora needs lora.enabled: true"),
                           (["value.init_from=/nope"], "value model /nope: no such directory")):
-        argv = ["ppo", "--config", "tiny"] + sum((["--set", s] for s in sets(tiny_model_dir, prompts_file,
-                                                                             tmp_path / "x", *extra)), [])
+        argv = ["ppo", "--config", "tiny"] + set_args(sets(tiny_model_dir, prompts_file,
+                                                                             tmp_path / "x", *extra))
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from test_dpo_train import planted_pairs
+from train_support import set_args
 from zhllm.cli import main
 from zhllm.train.rm import bradley_terry_loss, run_rm
 
@@ -204,7 +205,7 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, tiny_model_dir, pairs_fil
                                 (["rm", "train", "--config", "tiny"], ["eval.prompts=[你好]"], "no vocabulary head"),
                                 (["rm", "--config", "tiny"], ["rm.nope=1"], "unknown key 'rm.nope'"),
                                 (["rm"], [], "name a subcommand")):
-        argv = base + sum((["--set", s] for s in sets(tiny_model_dir, pairs_file, tmp_path / "x", *extra)), [])
+        argv = base + set_args(sets(tiny_model_dir, pairs_file, tmp_path / "x", *extra))
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err

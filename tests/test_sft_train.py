@@ -88,11 +88,11 @@ def test_lora_sft_under_fsdp_saves_the_merged_model_and_its_adapter(tmp_path, ti
     # the checkpoint gathers the shards into an unsharded module with the same LoRA layers: the merged model is
     # base + adapter, and the adapter is saved from the whole weights (not from the rank's shards)
     from safetensors.torch import load_file
-    from train_support import run_on_two_ranks
+    from train_support import run_on_two_ranks, set_args
     from zhllm.train.lora import merge_lora
-    args = ["sft", "--config", "tiny"] + sum((["--set", s] for s in sets(
+    args = ["sft", "--config", "tiny"] + set_args(sets(
         tiny_model_dir, sft_file, tmp_path / "fsdp", "lora.enabled=true", "lora.r=4", "train.parallel=fsdp",
-        "train.max_steps=2", "checkpoint.every=2", "eval.every=0", "train.threads=1")), [])
+        "train.max_steps=2", "checkpoint.every=2", "eval.every=0", "train.threads=1"))
     run_on_two_ranks(args)
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step_2"
     merged = load_file(str(merge_lora(tiny_model_dir, ckpt / "adapter", tmp_path / "merged") / "model.safetensors"))

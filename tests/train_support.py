@@ -65,6 +65,11 @@ def run_cli(args: list[str], env: dict | None = None, torchrun: int = 0) -> subp
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300)
 
 
+def set_args(settings: list[str]) -> list[str]:
+    """`--set KEY=VALUE` for each setting: the CLI arguments of a recipe's overrides."""
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
 def run_on_two_ranks(args: list[str]) -> subprocess.CompletedProcess:
     """`zhllm ARGS` under torchrun with 2 processes, which must succeed; skips the test where this torch build's
     gloo lacks FSDP2's collectives."""
