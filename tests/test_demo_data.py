@@ -182,6 +182,32 @@ def test_extract_answer_reads_training_answers_back():
     assert extract_answer("") is None and extract_answer("答案：") is None
 
 
+def test_worked_lines_teach_only_true_steps_that_lead_to_the_answer():
+    """A worked line is what a small model learns to imitate: every equation and comparison in it holds, and
+    its last step is the answer (column sums, borrows, counted days and counted characters)."""
+    equation = re.compile(r"(\d+(?:[-+×÷]\d+)+)=(\d+)")
+    compared = re.compile(r"(\d+)([<>])(\d+)")
+    for task in sample_tasks(3000, seed=11):
+        steps = equation.findall(task.reasoning)
+        for left, right in steps:
+            assert eval(left.replace("×", "*").replace("÷", "//")) == int(right), task
+        for x, sign, y in compared.findall(task.reasoning):
+            assert (int(x) > int(y)) == (sign == ">"), task
+        if task.kind in ("addition", "subtraction"):
+            assert task.reasoning.startswith("个位") and steps[-1][1] == task.answer, task
+        if task.kind == "comparison" and not task.answer.isdigit():
+            owner = re.search(r"是(.+?)的，所以(.+?)(?:更|的)", task.reasoning)
+            assert owner.group(1) == owner.group(2) == task.answer, task
+        if task.kind == "weekday" and "往" in task.reasoning:
+            assert task.reasoning.rstrip("。").endswith(task.answer), task
+        if task.kind == "counting":
+            counted = re.findall(r"\d+", task.reasoning.split("：", 1)[1].split("，")[0])
+            last = counted[-1] if counted else "0"
+            assert last == task.answer, task
+    carried = next(t for t in sample_tasks(3000, seed=11) if t.kind == "addition" and "+1=" in t.reasoning)
+    assert re.search(r"个位\d\+\d=1\d，十位\d+\+\d+\+1=", carried.reasoning), carried
+
+
 # ---------------------------------------------------------------- files for the pipeline
 
 def test_writers_produce_pipeline_files(tmp_path):

@@ -56,7 +56,22 @@ def _addition(rng: random.Random) -> Task:
         f"班里有男生{x}人，女生{y}人，全班一共有多少人？",
         f"一辆公交车上有{x}位乘客，到站后又上来{y}位，没有人下车。车上现在有多少位乘客？",
     ]
-    return Task("addition", rng.choice(templates), str(x + y), f"{x}+{y}={x + y}。")
+    return Task("addition", rng.choice(templates), str(x + y), _column_sum(x, y))
+
+
+def _column_sum(x: int, y: int) -> str:
+    """Units first, then tens with the carry: each step one single-digit fact a small model can learn."""
+    units = x % 10 + y % 10
+    tens = x // 10 + y // 10 + units // 10
+    return f"个位{x % 10}+{y % 10}={units}，十位{x // 10}+{y // 10}+{units // 10}={tens}，{x}+{y}={x + y}。"
+
+
+def _column_difference(x: int, y: int) -> str:
+    """Units first (borrowing ten when needed), then tens less the borrow."""
+    borrow = int(x % 10 < y % 10)
+    units = f"个位{x % 10 + 10 * borrow}-{y % 10}={x % 10 + 10 * borrow - y % 10}"
+    tens = f"十位{x // 10}-{borrow}-{y // 10}={x // 10 - borrow - y // 10}"
+    return f"{units}，{tens}，{x}-{y}={x - y}。"
 
 
 def _subtraction(rng: random.Random) -> Task:
@@ -74,7 +89,7 @@ def _subtraction(rng: random.Random) -> Task:
         f"一本书有{x}页，{a}已经看了{y}页，还有多少页没看？",
         f"{a}今年{x}岁，{y}年前{a}几岁？",
     ]
-    return Task("subtraction", rng.choice(templates), str(x - y), f"{x}-{y}={x - y}。")
+    return Task("subtraction", rng.choice(templates), str(x - y), _column_difference(x, y))
 
 
 def _multiplication(rng: random.Random) -> Task:
@@ -141,8 +156,17 @@ def _weekday_offset(rng: random.Random) -> Task:
     word = "后" if later else "前"
     question = rng.choice([f"今天是{WEEKDAYS[today]}，{days}天{word}是星期几？",
                            f"如果今天是{WEEKDAYS[today]}，那么{days}天{word}是星期几？"])
-    reasoning = f"一个星期有7天，{days}除以7余{days % 7}，从{WEEKDAYS[today]}往{word}数{days % 7}天，是{WEEKDAYS[target]}。"
+    step = 1 if later else -1
+    passed = "、".join(WEEKDAYS[(today + step * i) % 7] for i in range(1, days % 7 + 1)) or WEEKDAYS[today]
+    reasoning = f"{days}除以7余{days % 7}，从{WEEKDAYS[today]}往{word}数{days % 7}天：{passed}。"
     return Task("weekday", question, WEEKDAYS[target], reasoning)
+
+
+def _owner_line(a: str, x: int, b: str, y: int, want_bigger: bool, says: str) -> str:
+    """The number that wins, then whose number it is (read back from the question), then the answer."""
+    win, lose = (max(x, y), min(x, y)) if want_bigger else (min(x, y), max(x, y))
+    owner = a if win == x else b
+    return f"{win}{'>' if want_bigger else '<'}{lose}，{win}是{owner}的，所以{owner}{says}。"
 
 
 def _comparison(rng: random.Random) -> Task:
@@ -161,17 +185,17 @@ def _comparison(rng: random.Random) -> Task:
         word = "高" if taller else "矮"
         winner = a if (x > y) == taller else b
         question = f"{a}身高{x}厘米，{b}身高{y}厘米，谁更{word}？"
-        return Task("comparison", question, winner, f"{x}厘米和{y}厘米相比，{winner}更{word}。")
+        return Task("comparison", question, winner, _owner_line(a, x, b, y, taller, f"更{word}"))
     if form == 2:
         x, y = rng.sample(range(15, 90), 2)
         winner = a if x > y else b
         question = f"{a}重{x}千克，{b}重{y}千克，谁更重？"
-        return Task("comparison", question, winner, f"{max(x, y)}千克大于{min(x, y)}千克，所以{winner}更重。")
+        return Task("comparison", question, winner, _owner_line(a, x, b, y, True, "更重"))
     item, m = rng.choice(ITEMS)
     x, y = rng.sample(range(1, 50), 2)
     winner = a if x > y else b
     question = f"{a}有{x}{m}{item}，{b}有{y}{m}{item}，谁的{item}更多？"
-    return Task("comparison", question, winner, f"{max(x, y)}大于{min(x, y)}，所以{winner}的{item}更多。")
+    return Task("comparison", question, winner, _owner_line(a, x, b, y, True, f"的{item}更多"))
 
 
 WORD_POOL = "天地人山水日月风云花草树木春夏秋冬东南西北上下左右大小多少高低长短红黄蓝白黑金银"
@@ -181,13 +205,18 @@ def _counting(rng: random.Random) -> Task:
     if rng.random() < 0.5:
         text = "".join(rng.choice(WORD_POOL) for _ in range(rng.randint(2, 12)))
         question = rng.choice([f"“{text}”一共有几个字？", f"数一数，“{text}”有多少个汉字？"])
-        return Task("counting", question, str(len(text)), f"逐个数“{text}”，一共{len(text)}个字。")
+        numbered = "".join(f"{c}{i}" for i, c in enumerate(text, 1))
+        return Task("counting", question, str(len(text)), f"逐个数：{numbered}，一共{len(text)}个字。")
     target = rng.choice(WORD_POOL[:12])
     others = [c for c in WORD_POOL if c != target]
     text = "".join(target if rng.random() < 0.3 else rng.choice(others) for _ in range(rng.randint(4, 14)))
     count = text.count(target)
     question = f"“{text}”里有几个“{target}”字？"
-    return Task("counting", question, str(count), f"“{text}”里的“{target}”一共出现了{count}次。")
+    seen, marked = 0, []
+    for c in text:
+        seen += c == target
+        marked.append(f"{c}{seen}" if c == target else c)
+    return Task("counting", question, str(count), f"逐字找“{target}”：{''.join(marked)}，一共出现了{count}次。")
 
 
 GENERATORS: dict[str, list[Callable[[random.Random], Task]]] = {

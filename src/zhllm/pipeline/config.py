@@ -83,7 +83,7 @@ class GrpoPipelineSection:
 @dataclass
 class PipelineEvalSection:
     tasks: int = 100               # held-out demo tasks answered greedily by each model
-    max_new_tokens: int = 40
+    max_new_tokens: int = 48       # the longest worked demo answer is 38 tokens
     val_batches: Optional[int] = None  # of pretraining's batch size; None: the windows of its periodic eval
     samples: int = 3               # sample chats shown in the report
 
