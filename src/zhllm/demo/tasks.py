@@ -162,11 +162,11 @@ def _weekday_offset(rng: random.Random) -> Task:
     return Task("weekday", question, WEEKDAYS[target], reasoning)
 
 
-def _owner_line(a: str, x: int, b: str, y: int, want_bigger: bool, says: str) -> str:
-    """The number that wins, then whose number it is (read back from the question), then the answer."""
+def _who_wins(a: str, x: int, b: str, y: int, want_bigger: bool, says: str) -> tuple[str, str]:
+    """(the person whose number wins, the worked line: that number, whose it is, then the answer)."""
     win, lose = (max(x, y), min(x, y)) if want_bigger else (min(x, y), max(x, y))
     owner = a if win == x else b
-    return f"{win}{'>' if want_bigger else '<'}{lose}，{win}是{owner}的，所以{owner}{says}。"
+    return owner, f"{win}{'>' if want_bigger else '<'}{lose}，{win}是{owner}的，所以{owner}{says}。"
 
 
 def _comparison(rng: random.Random) -> Task:
@@ -183,19 +183,16 @@ def _comparison(rng: random.Random) -> Task:
         x, y = rng.sample(range(110, 190), 2)
         taller = rng.random() < 0.5
         word = "高" if taller else "矮"
-        winner = a if (x > y) == taller else b
         question = f"{a}身高{x}厘米，{b}身高{y}厘米，谁更{word}？"
-        return Task("comparison", question, winner, _owner_line(a, x, b, y, taller, f"更{word}"))
+        return Task("comparison", question, *_who_wins(a, x, b, y, taller, f"更{word}"))
     if form == 2:
         x, y = rng.sample(range(15, 90), 2)
-        winner = a if x > y else b
         question = f"{a}重{x}千克，{b}重{y}千克，谁更重？"
-        return Task("comparison", question, winner, _owner_line(a, x, b, y, True, "更重"))
+        return Task("comparison", question, *_who_wins(a, x, b, y, True, "更重"))
     item, m = rng.choice(ITEMS)
     x, y = rng.sample(range(1, 50), 2)
-    winner = a if x > y else b
     question = f"{a}有{x}{m}{item}，{b}有{y}{m}{item}，谁的{item}更多？"
-    return Task("comparison", question, winner, _owner_line(a, x, b, y, True, f"的{item}更多"))
+    return Task("comparison", question, *_who_wins(a, x, b, y, True, f"的{item}更多"))
 
 
 WORD_POOL = "天地人山水日月风云花草树木春夏秋冬东南西北上下左右大小多少高低长短红黄蓝白黑金银"
