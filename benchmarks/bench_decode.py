@@ -112,7 +112,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---|---:|---:|---:|---|")
     for figure, r in rows:
         ratio, cpu_ratio = r["ours"] / r["theirs"], r["ours_cpu"] / r["theirs_cpu"]
-        target = f">= {TARGET_RATIO:g}x: {'met' if ratio >= TARGET_RATIO else 'missed'}" if "batch 1," in figure else "-"
+        target = (f">= {TARGET_RATIO:g}x: {'met' if ratio >= TARGET_RATIO else 'missed'}" if "batch 1," in figure
+                  else "-")
         print(f"| {figure} | {r['ours']:.1f} | {r['theirs']:.1f} | {ratio:.1f}x | {target} | {r['ours_cpu']:.1f} | "
               f"{r['theirs_cpu']:.1f} | {cpu_ratio:.1f}x | {r['same_rows']} |")
     print("\nint8 rows: zhllm with weight-only int8 matrices and bf16 activations (batch 1: the native step of "

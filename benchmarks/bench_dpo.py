@@ -3,9 +3,9 @@ TRL's DPOTrainer on the same model, pairs and machine, in the same run.
 
 Each variant runs in its own process so its peak RSS is its own. Default: the 26m preset (random weights:
 speed does not depend on them) with the MiniMind tokenizer, the real pairs of ../shared/data/dpo/dpo_zh.jsonl,
-sequences up to 512 tokens (prompt up to 256), 4 pairs per step (the 26m recipe's micro-batch), bf16 autocast with fp32 weights on both
-sides, eager layers. Pairs/s counts optimizer steps x pairs per step, after warm-up steps; the precomputed
-reference's one-off pass before training is timed separately (`ref pass s`).
+sequences up to 512 tokens (prompt up to 256), 4 pairs per step (the 26m recipe's micro-batch), bf16 autocast with fp32
+weights on both sides, eager layers. Pairs/s counts optimizer steps x pairs per step, after warm-up steps; the
+precomputed reference's one-off pass before training is timed separately (`ref pass s`).
 
     python benchmarks/bench_dpo.py [--steps 6] [--warmup 1] [--pairs 4]
 """
@@ -68,14 +68,17 @@ def run_zhllm(reference: str, lora: bool, model_dir: Path, data: Path, steps: in
 
     trainer_mod.Trainer.train_step, trainer_mod.Trainer.__init__ = timed_step, timed_init
     sets = [f"model.init_from={model_dir}", f"data.path={data}", f"out_dir={out}", f"train.max_steps={steps + warmup}",
-            f"train.batch_size={pairs}", "train.grad_accum=1", f"train.seq_len={seq}", f"data.max_prompt_len={seq // 2}", "data.val_fraction=0",
+            f"train.batch_size={pairs}", "train.grad_accum=1", f"train.seq_len={seq}",
+            f"data.max_prompt_len={seq // 2}", "data.val_fraction=0",
             "train.precision=bf16", "train.bf16_weights=false", "train.compile=false", "train.lr=5e-6",
             "eval.every=0", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false", "log.plots=false",
             f"dpo.reference={reference}", f"lora.enabled={str(lora).lower()}", "lora.r=16", "lora.dropout=0"]
     run_dpo("26m", sets)
     timed = times[warmup:]
-    return {"pairs_per_s": pairs * len(timed) / sum(timed), "ref_pass_s": ref_pass[0] if reference == "precomputed" else None,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads()}
+    return {"pairs_per_s": pairs * len(timed) / sum(timed),
+            "ref_pass_s": ref_pass[0] if reference == "precomputed" else None,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads()}
 
 
 def run_trl(reference: str, lora: bool, model_dir: Path, data: Path, steps: int, warmup: int, pairs: int,
@@ -119,7 +122,8 @@ def run_trl(reference: str, lora: bool, model_dir: Path, data: Path, steps: int,
     timed = times[warmup:]
     return {"pairs_per_s": pairs * len(timed) / sum(timed),
             "ref_pass_s": (total - sum(times)) if reference == "precomputed" else None,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads()}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads()}
 
 
 def main() -> int:
@@ -138,8 +142,8 @@ def main() -> int:
     if args.variant:
         impl, reference, lora = VARIANTS[args.variant]
         fn = run_zhllm if impl == "zhllm" else run_trl
-        print(json.dumps(fn(reference, lora, random_model_dir(args.preset, tmp), data, args.steps, args.warmup, args.pairs,
-                            args.seq, tmp)))
+        print(json.dumps(fn(reference, lora, random_model_dir(args.preset, tmp), data, args.steps, args.warmup,
+                            args.pairs, args.seq, tmp)))
         return 0
     source = SHARED / "dpo" / "dpo_zh.jsonl"
     if not source.is_file() or not (SHARED / "tokenizers" / "minimind").is_dir():
@@ -181,7 +185,8 @@ def main() -> int:
         print("|---|---:|---|")
         for name in ("zhllm full, precomputed", "zhllm LoRA, adapter", "zhllm LoRA, precomputed"):
             if name in results:
-                print(f"| {name.removeprefix('zhllm ')} | {results[name]['peak_rss_mb'] / full_copy['peak_rss_mb']:.2f}x | < 1x |")
+                print(f"| {name.removeprefix('zhllm ')} | "
+                      f"{results[name]['peak_rss_mb'] / full_copy['peak_rss_mb']:.2f}x | < 1x |")
     return 0
 
 

@@ -50,7 +50,8 @@ def main() -> None:
         runs = {name: zhllm_trainer(preset, args.seq, args.batch, shards, Path(tmp) / preset, precision="auto",
                                     bf16_weights=True, compile=True)
                 for name, preset in ((moe_name, args.preset), (dense_name, args.dense))}
-        baselines = {name: HFProcess(args.preset, args.seq, args.batch, cfg.vocab_size, False, precision, False, experts)
+        baselines = {name: HFProcess(args.preset, args.seq, args.batch, cfg.vocab_size, False, precision, False,
+                                     experts)
                      for name, (precision, experts) in HF_VARIANTS.items()}
         times = {name: [] for name in [*runs, *baselines]}
         for tr in runs.values():

@@ -58,8 +58,8 @@ RECIPES = {
                        sets=["train.lr=5e-4", "train.warmup_steps=0", "train.weight_decay=0.01", "train.beta1=0.9",
                              "train.beta2=0.999", "train.min_lr_ratio=0.1", "train.schedule=cosine",
                              "train.seq_len=340", "train.batch_size=32", "train.grad_accum=1",
-                             "train.optimizer=adamw", "train.precision=fp32", "train.bf16_weights=false", "train.compile=false",
-                             "train.max_tokens=1000000"]),
+                             "train.optimizer=adamw", "train.precision=fp32", "train.bf16_weights=false",
+                             "train.compile=false", "train.max_tokens=1000000"]),
 }
 
 
@@ -108,9 +108,9 @@ def run(name: str, recipe: Recipe, work: Path, extra: list[str], quick: bool) ->
     shards = [out / f"shards_{f.stem.split('_')[-1]}" for f in train]
     phases["tokenize"] = sum(zhllm("data", "tokenize", "--input", str(f), "--tokenizer", str(tok), "--out", str(d),
                                    "--val-fraction", "0.01", "--no-progress") for f, d in zip(train, shards))
-    sets = [f"data.path=[{','.join(map(str, shards))}]", f"out_dir={out / 'run'}", "eval.every=0", "checkpoint.keep=1000",
-            f"checkpoint.every={recipe.checkpoint_every // (5 if quick else 1)}", "log.progress=false", *recipe.sets,
-            *([f"train.max_tokens={recipe.quick_tokens}"] if quick else []), *extra]
+    sets = [f"data.path=[{','.join(map(str, shards))}]", f"out_dir={out / 'run'}", "eval.every=0",
+            "checkpoint.keep=1000", f"checkpoint.every={recipe.checkpoint_every // (5 if quick else 1)}",
+            "log.progress=false", *recipe.sets, *([f"train.max_tokens={recipe.quick_tokens}"] if quick else []), *extra]
     start = time.time()
     phases["pretrain"] = zhllm("pretrain", "--config", str(ROOT / recipe.config),
                                *[a for s in sets for a in ("--set", s)])
@@ -147,7 +147,8 @@ def main() -> None:
     if len(results) == 2:
         (ma, _, a), (mb, _, b) = [r["curve"][-1] for r in results]
         print(f"\n| figure | {results[0]['name']} | {results[1]['name']} | ratio | target |\n|---|---:|---:|---:|---|")
-        print(f"| held-out bits per byte, whole recipe | {a:.3f} | {b:.3f} | {b / a:.3f}x | zhllm <= 2.5 in 20 minutes |")
+        print(f"| held-out bits per byte, whole recipe | {a:.3f} | {b:.3f} | {b / a:.3f}x | "
+              "zhllm <= 2.5 in 20 minutes |")
         print(f"| minutes on the clock | {ma:.1f} | {mb:.1f} | {mb / ma:.2f}x | |")
 
 if __name__ == "__main__":

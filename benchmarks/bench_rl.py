@@ -5,8 +5,8 @@ Each side runs in its own process. Default: the 26m preset (random weights: spee
 MiniMind tokenizer, prompts from the demo's tasks (short Chinese questions, chat-rendered), 4 prompts x 8
 completions per step, 64 new tokens at temperature 1, beta 0 (no reference), one update per rollout, bf16
 autocast with fp32 weights on both sides, eager layers; zhllm runs once more with its bf16 weights (fp32 master
-copies in the optimizer, `train.bf16_weights`, as its CPU recipes train). Random weights seldom sample an end token, so both
-sides generate close to 64 tokens per completion; the table shows each side's mean completion length and
+copies in the optimizer, `train.bf16_weights`, as its CPU recipes train). Random weights seldom sample an end token, so
+both sides generate close to 64 tokens per completion; the table shows each side's mean completion length and
 compares samples/s and completion tokens/s. `--lora R` trains a rank-R LoRA (alpha 2R, no dropout, the attention
 and MLP projections) on both sides instead of the whole model: zhllm then runs with fp32 weights only (bf16
 weights are for full fine-tuning) and TRL gets the same adapter as its `peft_config`.
@@ -95,7 +95,8 @@ def run_trl(model_dir: Path, prompts: Path, a) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     rows = [json.loads(line) for line in prompts.read_text(encoding="utf-8").splitlines()]
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows])
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                            for r in rows])
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     times: list[float] = []

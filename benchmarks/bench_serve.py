@@ -197,8 +197,8 @@ def main() -> None:
         print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.1f}x | "
               f"{r['ttft50'] * 1000:.0f} ms | {r['ttft95'] * 1000:.0f} ms | {r['lat50']:.2f} s | {r['lat95']:.2f} s |")
     if choices is not None:
-        print(f"\n{args.choices} choices of one {len(long_prompts[0])}-character prompt ({CHOICE_NEW_TOKENS} new tokens "
-              f"each): one request with n={args.choices} {choices['shared']:.2f} s, {args.choices} concurrent "
+        print(f"\n{args.choices} choices of one {len(long_prompts[0])}-character prompt ({CHOICE_NEW_TOKENS} new "
+              f"tokens each): one request with n={args.choices} {choices['shared']:.2f} s, {args.choices} concurrent "
               f"requests for different prompts of that length {choices['separate']:.2f} s "
               f"({choices['separate'] / choices['shared']:.1f}x)")
     at16 = [r for r in rows if r["clients"] == 16]
@@ -207,7 +207,8 @@ def main() -> None:
         verdict = "met" if ratio >= TARGET_SPEEDUP_AT_16 else "NOT met"
         print(f"\ntarget at 16 clients: >= {TARGET_SPEEDUP_AT_16:.0f}x one-at-a-time tokens/s: {ratio:.1f}x, {verdict}")
         # the row benchmarks/run_all.py gathers into its summary
-        print("\n| figure | zhllm serve, 16 clients tok/s | one at a time tok/s | ratio | target |\n|---|---:|---:|---:|---|")
+        print("\n| figure | zhllm serve, 16 clients tok/s | one at a time tok/s | ratio | target |\n"
+              "|---|---:|---:|---:|---|")
         print(f"| serve {args.preset} | {at16[0]['tok_s']:.1f} | {base['tok_s']:.1f} | {ratio:.1f}x | "
               f">= {TARGET_SPEEDUP_AT_16:.0f}x |")
 

@@ -113,7 +113,8 @@ def summary(model, real: int, total: int, seconds: float) -> dict:
     import torch
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"tokens_per_s": real / seconds, "pad_share": 1 - real / total, "trainable": trainable,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads()}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads()}
 
 
 def main() -> int:
@@ -154,7 +155,8 @@ def main() -> int:
     print("| variant | non-pad tokens/s | padding share | trainable params | peak RSS (MB) |")
     print("|---|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['pad_share']:.1%} | {r['trainable'] / 1e6:.2f}M | {r['peak_rss_mb']:.0f} |")
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['pad_share']:.1%} | {r['trainable'] / 1e6:.2f}M | "
+              f"{r['peak_rss_mb']:.0f} |")
     full_p, full_u = results["full, packed"], results["full, padded (length-grouped)"]
     lora_p = results["LoRA r=16, packed"]
     print("\n| figure | zhllm | reference | ratio | target |")

@@ -22,7 +22,8 @@ RECORDS = {
     "alpaca": {"instruction": "把下面的句子翻译成英文", "input": "今天天气很好", "output": "The weather is nice today.",
                "system": SYSTEM, "history": [["你好", "你好！有什么可以帮你？"]]},
     "prompt_response": {"query": "长江有多长？", "answer": "长江全长约6300公里。"},
-    "sharegpt": {"conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": "春眠不觉晓的下一句？"},
+    "sharegpt": {"conversations": [{"from": "system", "value": SYSTEM},
+                                   {"from": "human", "value": "春眠不觉晓的下一句？"},
                                    {"from": "gpt", "value": "处处闻啼鸟。"}, {"from": "human", "value": "作者是谁？"},
                                    {"from": "gpt", "value": "孟浩然。"}]},
     "messages": {"messages": [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"},
@@ -137,7 +138,8 @@ def test_special_token_text_in_data_is_plain_text(any_tok):
     ids, labels = encode_conversation(any_tok, msgs)
     assert ids == list(any_tok.apply_chat_template(msgs, return_dict=False, sanitize_control_tokens=True))
     start, end = any_tok.convert_tokens_to_ids("<|im_start|>"), any_tok.convert_tokens_to_ids("<|im_end|>")
-    reference = list(any_tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+    reference = list(any_tok.apply_chat_template([{"role": "user", "content": "x"},
+                                                  {"role": "assistant", "content": "y"}],
                                                  return_dict=False))
     assert ids.count(start) == reference.count(start) and ids.count(end) == reference.count(end)
     assert any_tok.convert_tokens_to_ids("<|endoftext|>") not in ids
@@ -311,7 +313,8 @@ def test_length_grouping_sorts_within_windows(tok):
 def test_build_sft_datasets_splits_conversations_not_rows(tmp_path, tok):
     from zhllm.data.sft_batches import build_sft_datasets
     f = tmp_path / "sft.jsonl"
-    f.write_text("\n".join(json.dumps({"messages": _long_chat(1 + k % 3)}, ensure_ascii=False) for k in range(20)) + "\n",
+    f.write_text("\n".join(json.dumps({"messages": _long_chat(1 + k % 3)}, ensure_ascii=False)
+                           for k in range(20)) + "\n",
                  encoding="utf-8")
     train, val, stats, read_stats = build_sft_datasets(tok, [f], seq_len=512, val_fraction=0.2, seed=0, progress=False)
     assert stats.conversations == 20 and read_stats.docs == 20
@@ -327,7 +330,8 @@ def test_build_sft_datasets_splits_conversations_not_rows(tmp_path, tok):
 
 def test_preview_sft_cli_marks_trained_spans(tmp_path, tokenizer_dir, capsys):
     f = tmp_path / "sft.jsonl"
-    lines = [json.dumps(RECORDS["sharegpt"], ensure_ascii=False), "{broken", json.dumps(RECORDS["alpaca"], ensure_ascii=False)]
+    lines = [json.dumps(RECORDS["sharegpt"], ensure_ascii=False), "{broken",
+             json.dumps(RECORDS["alpaca"], ensure_ascii=False)]
     f.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert main(["data", "preview-sft", "--tokenizer", str(tokenizer_dir), "--input", str(f), "--n", "1"]) == 0
     out = capsys.readouterr().out

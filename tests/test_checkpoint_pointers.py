@@ -73,8 +73,8 @@ def test_sft_initialises_from_latest(run, chat_file, tmp_path):
     from zhllm.train.sft import run_sft
     summary = run_sft("tiny", [f"model.init_from={run / 'checkpoints' / 'latest'}", f"data.path={chat_file}",
                                f"out_dir={tmp_path / 'sft'}", "train.max_steps=2", "train.batch_size=2",
-                               "train.seq_len=64", "train.warmup_steps=1", "data.val_fraction=0.2", "eval.every=2", "eval.batches=1",
-                               "checkpoint.every=2", "log.progress=false", "log.tensorboard=false",
+                               "train.seq_len=64", "train.warmup_steps=1", "data.val_fraction=0.2", "eval.every=2",
+                               "eval.batches=1", "checkpoint.every=2", "log.progress=false", "log.tensorboard=false",
                                "log.plots=false"])
     assert summary["step"] == 2
     assert (tmp_path / "sft" / "checkpoints" / "latest" / "tokenizer.json").is_file()

@@ -83,7 +83,8 @@ def test_each_filter_removes_what_it_should(text, reason):
 
 
 def test_filters_keep_ordinary_prose_and_can_be_switched_off():
-    prose = "长江是中国最长的河流，全长约6300公里，流经青海、西藏、四川、云南、重庆、湖北、湖南、江西、安徽、江苏和上海。"
+    prose = ("长江是中国最长的河流，全长约6300公里，"
+             "流经青海、西藏、四川、云南、重庆、湖北、湖南、江西、安徽、江苏和上海。")
     assert quality_reason(prose, QualityThresholds()) is None
     off = QualityThresholds(min_chars=0, min_cjk_ratio=0, max_symbol_ratio=1, max_dup_line_ratio=1,
                             max_char_run_ratio=1, max_dup_ngram_ratio=1)

@@ -225,7 +225,8 @@ def test_writers_produce_pipeline_files(tmp_path):
         assert user["role"] == "user" and assistant["role"] == "assistant"
         assert user["content"].strip() and assistant["content"].strip()
     assert sum("答案：" in r["messages"][1]["content"] for r in records) == 30  # the rest is small talk
-    assert write_demo_sft(tmp_path / "again.jsonl", n=40, seed=1, smalltalk_fraction=0.25).read_bytes() == sft.read_bytes()
+    assert write_demo_sft(tmp_path / "again.jsonl", n=40, seed=1,
+                          smalltalk_fraction=0.25).read_bytes() == sft.read_bytes()
     with pytest.raises(ZhllmError, match="smalltalk_fraction"):
         write_demo_sft(tmp_path / "x.jsonl", n=4, smalltalk_fraction=2)
 

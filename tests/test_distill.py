@@ -44,7 +44,8 @@ def sets(teacher, shards, out, *extra):
 
 def kls(run_dir, kind="train"):
     from zhllm.train.metrics import read_metrics
-    return [r["kl"] if kind == "train" else r["val_kl"] for r in read_metrics(run_dir) if r.get("kind", "train") == kind]
+    return [r["kl"] if kind == "train" else r["val_kl"] for r in read_metrics(run_dir)
+            if r.get("kind", "train") == kind]
 
 
 def test_student_kl_to_the_teacher_falls(tmp_path, tiny_model_dir, shards):
@@ -125,7 +126,8 @@ def test_top_k_loss_is_the_written_out_formula_and_the_full_kl_at_k_equal_vocab(
     _, kl, _ = topk_distill_losses(s, top.indices, top.values, y, T, 1.0)
     assert float(kl) == pytest.approx(want, rel=1e-5)
     full = t.topk(9, dim=-1)
-    for a, b in zip(topk_distill_losses(s, full.indices, full.values, y, T, 0.4), distill_losses(s, t, y, "forward", T, 0.4)):
+    for a, b in zip(topk_distill_losses(s, full.indices, full.values, y, T, 0.4),
+                    distill_losses(s, t, y, "forward", T, 0.4)):
         assert float(a) == pytest.approx(float(b), rel=1e-5)
 
 

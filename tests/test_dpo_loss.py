@@ -135,7 +135,8 @@ def test_simpo_equals_trl_cpo_simpo():
     want, want_c, want_r = CPOTrainer.cpo_loss(fake, chosen / lc, rejected / lr)
     got = preference_loss("simpo", chosen, rejected, chosen_lengths=lc, rejected_lengths=lr, beta=2.0, gamma=0.5)
     assert torch.allclose(got.losses, want, atol=TOL)
-    assert torch.allclose(got.chosen_rewards, want_c, atol=TOL) and torch.allclose(got.rejected_rewards, want_r, atol=TOL)
+    assert (torch.allclose(got.chosen_rewards, want_c, atol=TOL)
+            and torch.allclose(got.rejected_rewards, want_r, atol=TOL))
     for a, b in zip(_grads(got.losses.mean(), chosen, rejected), _grads(want.mean(), chosen, rejected)):
         assert torch.allclose(a, b, atol=TOL)
 
@@ -149,7 +150,8 @@ def test_orpo_odds_ratio_equals_trl_and_nll_is_the_papers():
     got = preference_loss("orpo", chosen, rejected, chosen_lengths=lc, rejected_lengths=lr, beta=0.25)
     # TRL's trainer minimises nll - mean(beta * log sigmoid(log odds)); ours carries the same sign inside
     assert torch.allclose(got.losses, -ratio_losses, atol=TOL)
-    assert torch.allclose(got.chosen_rewards, want_c, atol=TOL) and torch.allclose(got.rejected_rewards, want_r, atol=TOL)
+    assert (torch.allclose(got.chosen_rewards, want_c, atol=TOL)
+            and torch.allclose(got.rejected_rewards, want_r, atol=TOL))
     for a, b in zip(_grads(got.losses.mean(), chosen, rejected), _grads(-ratio_losses.mean(), chosen, rejected)):
         assert torch.allclose(a, b, atol=TOL)
 

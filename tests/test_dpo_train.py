@@ -150,8 +150,8 @@ def test_real_pairs_raise_held_out_preference_accuracy(tmp_path):
     subset = tmp_path / "dpo.jsonl"
     subset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in short[:200]), encoding="utf-8")
     out = tmp_path / "real"
-    run_dpo("tiny", sets(model_dir, subset, out, "train.seq_len=256", "train.max_steps=16", "eval.every=16", "train.lr=1e-3",
-                         "eval.batches=10", "data.val_fraction=0.2", "train.batch_size=8"))
+    run_dpo("tiny", sets(model_dir, subset, out, "train.seq_len=256", "train.max_steps=16", "eval.every=16",
+                         "train.lr=1e-3", "eval.batches=10", "data.val_fraction=0.2", "train.batch_size=8"))
     ev = records(out, "eval")[-1]
     # at step 0 the policy is its reference: every margin is 0 and accuracy (margin > 0) is 0
     assert ev["val_rewards/accuracy"] > 0.5 and ev["val_rewards/margins"] > 0 and ev["val_loss"] < 0.6931, ev

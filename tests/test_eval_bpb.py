@@ -11,7 +11,8 @@ from zhllm.eval.compare import EvalOptions, run_eval
 from zhllm.infer.engine import Engine
 from zhllm.tokenizer.encode import encode_text
 
-DOCS = ["今天天气很好，我们去公园散步吧！" * 3, "长江是中国最长的河流。", "Hello, 世界 🌏", "机器学习是人工智能的一个分支。" * 2]
+DOCS = ["今天天气很好，我们去公园散步吧！" * 3, "长江是中国最长的河流。", "Hello, 世界 🌏",
+        "机器学习是人工智能的一个分支。" * 2]
 
 
 def independent_bits(model, tok, docs, context, stride):

@@ -49,7 +49,8 @@ def test_cli_mc_table_and_out(tmp_path, tiny_model_dir, capsys):
     assert report["models"][str(tiny_model_dir)]["n"] == 2
     assert len((out / f"rows-0-{tiny_model_dir.name}.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     # re-running replaces its own output; a directory zhllm did not write is refused in one line
-    assert main(["eval", str(tiny_model_dir), "--task", "mc", "--input", str(data), "--out", str(out), "--no-progress"]) == 0
+    assert main(["eval", str(tiny_model_dir), "--task", "mc", "--input", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("x")

@@ -43,7 +43,8 @@ metric_list:
 """, encoding="utf-8")
     from lm_eval.tasks import TaskManager
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_model_dir},dtype=float32",
-                                  tasks=["zhllm_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                  tasks=["zhllm_tiny_mc"],
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
                                   log_samples=True, batch_size=4, device="cpu")
     samples = sorted(out["samples"]["zhllm_tiny_mc"], key=lambda s: s["doc_id"])
     theirs = [[r[0][0] for r in s["resps"]] for s in samples]

@@ -144,7 +144,8 @@ def test_rounded_files_give_the_same_greedy_tokens_on_most_steps(models, files, 
 
 
 @pytest.mark.parametrize("over", [{"attention_bias": True, "mlp_bias": True},
-                                  {"rope_scaling": {"type": "linear", "factor": 2.0}}], ids=["llama-biases", "linear-rope"])
+                                  {"rope_scaling": {"type": "linear", "factor": 2.0}}],
+                         ids=["llama-biases", "linear-rope"])
 def test_llama_cpp_logits_for_llama_biases_and_linear_rope(tokenizer_dir, tmp_path, llama_at, over):
     cfg = model_config_from("tiny", {"init_std": 0.3, "vocab_size": len(load_tokenizer(tokenizer_dir)), **over})
     model = _random_biases(new_model(cfg, seed=2))

@@ -200,7 +200,8 @@ def test_streaming_pieces_join_to_the_full_text(lively):
     pieces = list(stream_generate(model, tok, msgs, max_new_tokens=24, temperature=0.9, seed=1))
     assert len(pieces) > 1
     assert "".join(pieces) == generate(model, tok, msgs, max_new_tokens=24, temperature=0.9, seed=1)
-    assert generate_batch(model, tok, [msgs, "机器学习"], max_new_tokens=10)[0] == generate(model, tok, msgs, max_new_tokens=10)
+    assert (generate_batch(model, tok, [msgs, "机器学习"], max_new_tokens=10)[0]
+            == generate(model, tok, msgs, max_new_tokens=10))
 
 
 def test_stream_never_splits_a_character(tokenizer_dir):

@@ -14,7 +14,8 @@ from zhllm.train.grpo_loss import group_advantages, grpo_loss, k3_kl, token_logp
 
 G = 3
 REWARDS = torch.tensor([1.0, 0.0, 0.5, 2.0, 2.0, 2.0])  # the second group all agrees: advantage 0
-MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]],
+                    dtype=torch.bool)
 
 
 def batch():

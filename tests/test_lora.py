@@ -232,7 +232,8 @@ def test_lora_sft_steps_lower_the_assistant_loss_and_survive_merge(tmp_path, tin
     from zhllm.tokenizer.load import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
-    recs = [{"instruction": f"第{k}题：今天天气怎么样？", "output": "今天天气很好，我们去公园散步吧！"} for k in range(8)]
+    recs = [{"instruction": f"第{k}题：今天天气怎么样？", "output": "今天天气很好，我们去公园散步吧！"}
+            for k in range(8)]
     batch = SFTDataset(encode_records(tok, recs), seq_len=256, packing=True).batch(0, 2)
 
     def loss_of(m):

@@ -11,12 +11,15 @@ from zhllm.model.transformer import KVCache
 VARIANTS = {
     "llama-gqa-tied": dict(arch="llama", tie_embeddings=True, n_heads=4, n_kv_heads=2),
     "llama-mha-untied": dict(arch="llama", tie_embeddings=False, n_heads=4, n_kv_heads=4),
-    "llama-mqa-bias": dict(arch="llama", tie_embeddings=False, n_heads=4, n_kv_heads=1, attention_bias=True, mlp_bias=True),
+    "llama-mqa-bias": dict(arch="llama", tie_embeddings=False, n_heads=4, n_kv_heads=1, attention_bias=True,
+                           mlp_bias=True),
     "qwen2-gqa-untied": dict(arch="qwen2", tie_embeddings=False, n_heads=4, n_kv_heads=2),
     "qwen2-tied": dict(arch="qwen2", tie_embeddings=True, n_heads=4, n_kv_heads=2),
-    "llama-yarn": dict(arch="llama", rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_position_embeddings=32)),
+    "llama-yarn": dict(arch="llama", rope_scaling=RopeScaling(type="yarn", factor=4.0,
+                                                              original_max_position_embeddings=32)),
     "llama-linear": dict(arch="llama", rope_scaling=RopeScaling(type="linear", factor=2.0)),
-    "llama3-rope": dict(arch="llama", rope_scaling=RopeScaling(type="llama3", factor=8.0, original_max_position_embeddings=32)),
+    "llama3-rope": dict(arch="llama", rope_scaling=RopeScaling(type="llama3", factor=8.0,
+                                                               original_max_position_embeddings=32)),
 }
 
 

@@ -177,7 +177,8 @@ def test_lora_sft_on_a_moe_model_trains_the_experts_and_matches_peft_on_transfor
     base_dir = save_model(Transformer(tiny_moe(vocab=len(load_tokenizer(tokenizer_dir)))).init_weights(seed=4),
                           tmp_path / "base", tokenizer=tokenizer_dir)
     chats = [{"messages": [{"role": "user", "content": f"{a}加{b}等于几？"},
-                           {"role": "assistant", "content": f"答案：{a + b}"}]} for a in range(1, 9) for b in range(1, 9)]
+                           {"role": "assistant", "content": f"答案：{a + b}"}]}
+             for a in range(1, 9) for b in range(1, 9)]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats))
     run_sft("tiny", [f"model.init_from={base_dir}", f"data.path={data}", f"out_dir={tmp_path / 'run'}",

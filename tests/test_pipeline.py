@@ -113,7 +113,8 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     report = (run / "report.md").read_text()
     assert "The pretrain row re-measures the training section's last val loss" in report
     for needle in ("## What ran", "## Evaluation", "| pretrain |", "| sft |", "| dpo |", "| grpo |", "zhllm chat",
-                   ".png", "preference accuracy", "![dpo rewards]", "### grpo", "started from the dpo model; rewards: exact",
+                   ".png", "preference accuracy", "![dpo rewards]", "### grpo",
+                   "started from the dpo model; rewards: exact",
                    "mean reward of the sampled answers", "![grpo reward]", "grpo/run/checkpoints",
                    "Right answers per task kind", "| kind | tasks | pretrain | sft | dpo | grpo |",
                    *(f"| {kind} | " for kind in ev["grpo"]["tasks_right_by_kind"])):

@@ -123,7 +123,8 @@ def test_invalid_utf8_is_counted_per_line_in_txt_and_csv(tmp_path):
 def test_txt_paragraph_mode(tmp_path):
     path = write_txt(tmp_path / "p.txt.gz", "第一段第一行\n第一段第二行\n\n\n第二段\n  \n第三段\n")
     records = list(iter_records(path, txt_mode="paragraph"))
-    assert [(r.data["text"], r.line) for r in records] == [("第一段第一行\n第一段第二行", 1), ("第二段", 5), ("第三段", 7)]
+    assert [(r.data["text"], r.line) for r in records] == [("第一段第一行\n第一段第二行", 1), ("第二段", 5),
+                                                           ("第三段", 7)]
 
 
 def test_json_array_streams_and_stops_at_syntax_error(tmp_path, monkeypatch):

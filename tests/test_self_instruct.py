@@ -18,7 +18,9 @@ from zhllm.data.self_instruct import (ANSWER_SYSTEM, SelfInstructConfig, SelfIns
                                       instruction_prompt, is_refusal, self_instruct)
 from zhllm.errors import ZhllmError
 
-COMMON = "的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后小么心多天而能好都然没日于起还发成事只作当想看文无开手用主行方又如前所本见经头面公同三已老从动两长知民样现"
+COMMON = ("的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要"
+          "下以生会自着去之过家学对可里后小么心多天而能好都然没日于起还发成事只"
+          "作当想看文无开手用主行方又如前所本见经头面公同三已老从动两长知民样现")
 SEEDS = [
     {"instruction": "请介绍一下长江的地理特点。", "output": "长江是中国最长的河流。"},
     {"messages": [{"role": "user", "content": "写一首关于春天的五言绝句。"},
@@ -98,7 +100,8 @@ class Stub:
             messages = body["messages"]
             if messages[0]["content"] == ANSWER_SYSTEM:
                 question = messages[-1]["content"]
-                text = "作为一个AI语言模型，我无法回答这个问题。" if "拒绝" in question else f"好的，下面回答：{question[::-1]}"
+                text = ("作为一个AI语言模型，我无法回答这个问题。" if "拒绝" in question
+                        else f"好的，下面回答：{question[::-1]}")
                 delay = self.answer_delay
             else:
                 text = self.instructions[min(self.next, len(self.instructions) - 1)]
@@ -206,8 +209,8 @@ def test_failing_endpoint_is_a_clear_error_and_keeps_what_was_written(tmp_path, 
 def test_rejected_key_stops_at_once(tmp_path, seeds_file):
     with Stub(distinct_instructions(3), faults={1: "401"}) as stub:
         with pytest.raises(ZhllmError, match="HTTP 401: bad key .check the API key"):
-            self_instruct(client_for(stub), [seeds_file], tmp_path / "o.jsonl", SelfInstructConfig(num=3, concurrency=1),
-                          progress=False)
+            self_instruct(client_for(stub), [seeds_file], tmp_path / "o.jsonl",
+                          SelfInstructConfig(num=3, concurrency=1), progress=False)
         assert stub.requests == 1  # never retried
 
 

@@ -122,7 +122,8 @@ def test_seeded_samples_n_and_penalties(client, engine):
 
 
 def test_32_concurrent_streams_equal_single_client_answers(server, engine):
-    prompts = [f"第{i}个问题：{p}" for i, p in enumerate(["天气", "长江", "北京", "苹果", "机器学习", "春天", "你好", "公园"])]
+    prompts = [f"第{i}个问题：{p}"
+               for i, p in enumerate(["天气", "长江", "北京", "苹果", "机器学习", "春天", "你好", "公园"])]
     want = {p: greedy(engine, [{"role": "user", "content": p}], 10) for p in prompts}
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
@@ -246,7 +247,8 @@ def _free_port() -> int:
 def test_sigterm_finishes_the_stream_in_flight_and_exits_cleanly(model_dir):
     port = _free_port()
     env = {**os.environ, "ZHLLM_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from zhllm.cli import main; sys.exit(main())", "serve", str(model_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from zhllm.cli import main; sys.exit(main())",
+                             "serve", str(model_dir), "--port", str(port),
                              "--max-tokens", "400", "--dtype", "float32"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

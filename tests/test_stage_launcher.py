@@ -211,7 +211,8 @@ def test_every_fine_tuning_stage_refuses_a_tokenizer_bigger_than_the_model(tmp_p
     run = StageRun(cfg=GrpoConfig(lora=LoraSection(enabled=lora)), source="recipe.yaml", resume_dir=None,
                    init_from=str(small), tokenizer=tok)
     for load in (None, lambda path: load_reward_model(path, train=True)):
-        with pytest.raises(ZhllmError, match=f"{small}: tokenizer has {len(tok)} tokens, the model only {len(tok) - 8}"):
+        with pytest.raises(ZhllmError,
+                           match=f"{small}: tokenizer has {len(tok)} tokens, the model only {len(tok) - 8}"):
             load_policy(run, load=load)
     run.init_from = str(save_model(new_model(model_config_from("tiny", {"vocab_size": len(tok)}), seed=0),
                                    tmp_path / "fits", tokenizer=tokenizer_dir))  # a model that fits

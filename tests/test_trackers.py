@@ -132,7 +132,8 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path, monkeypatch):
 def test_missing_tracker_package_is_a_config_error(tmp_path, monkeypatch, tokenizer_dir, corpus):
     import importlib.util
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "swanlab" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "swanlab" else find_spec(name, *a))
     shards = make_shards(tmp_path / "shards", tokenizer_dir, corpus[:40])
     recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"r\.yaml.*: log\.swanlab is on but the swanlab package is not installed"):

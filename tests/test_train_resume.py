@@ -164,7 +164,8 @@ def test_nonfinite_weights_under_two_processes_exit_cleanly(tmp_path, shards):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZHLLM_FAIL")}
-    env.update(OMP_NUM_THREADS="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(OMP_NUM_THREADS="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
     cmd = [sys.executable, str(script), "pretrain", "--config", str(recipe), "--set", "checkpoint.every=6"]
     ranks = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]

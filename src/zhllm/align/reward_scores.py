@@ -68,7 +68,8 @@ class ScoreStats:
 
     def __str__(self) -> str:
         lines = [f"scored {self.records} records" + (f", {self.pairs} of them preference pairs: chosen scored "
-                                                     f"higher in {self.chosen_wins} ({self.chosen_wins / self.pairs:.1%})"
+                                                     f"higher in {self.chosen_wins} "
+                                                     f"({self.chosen_wins / self.pairs:.1%})"
                                                      if self.pairs else "")]
         if self.bad.bad_total:
             lines.append(f"skipped {self.bad.bad_total} bad records: "

@@ -60,7 +60,8 @@ def register(root, groups) -> None:
                        description="Write base + adapter as one HF-native checkpoint (config.json, model.safetensors, "
                                    "tokenizer) that loads with AutoModelForCausalLM and zhllm alike.")
     m.add_argument("--base", required=True, help="base model directory (zhllm or HF Llama/Qwen2)")
-    m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--adapter", required=True,
+                   help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--out", required=True, help="output checkpoint directory")
     add_overwrite_flag(m)
     m.set_defaults(func=_merge)

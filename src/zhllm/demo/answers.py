@@ -73,7 +73,8 @@ def is_correct(task, model_output: str) -> bool:
     """Exact match of the model's answer against `task.answer`, after normalisation.
 
     A bare number is accepted for a unit answer ("3500" for "3500克") because the question already names
-    the unit, and a counted unit for a bare-number answer ("42个" for "42"); a different unit is wrong. A name answer may be followed by a comparison ("小红更高").
+    the unit, and a counted unit for a bare-number answer ("42个" for "42"); a different unit is wrong. A name
+    answer may be followed by a comparison ("小红更高").
     """
     got = extract_answer(model_output)
     if got is None:

@@ -45,7 +45,8 @@ def _addition(rng: random.Random) -> Task:
     item, m = rng.choice(ITEMS)
     a, b = _two_people(rng)
     place = rng.choice(PLACES)
-    price_a, price_b = rng.choice(["一本笔记本", "一支钢笔", "一个书包", "一瓶牛奶"]), rng.choice(["一把尺子", "一块橡皮", "一个面包", "一盒彩笔"])
+    price_a, price_b = (rng.choice(["一本笔记本", "一支钢笔", "一个书包", "一瓶牛奶"]),
+                        rng.choice(["一把尺子", "一块橡皮", "一个面包", "一盒彩笔"]))
     templates = [
         f"{a}有{x}{m}{item}，{b}又给了{a}{y}{m}。{a}现在一共有多少{m}{item}？",
         f"{place}里原来有{x}{m}{item}，后来又放进去{y}{m}。{place}里现在有多少{m}{item}？",
@@ -120,7 +121,8 @@ def _unit_conversion(rng: random.Random) -> Task:
     n = rng.randint(1, 12)
     form = rng.randrange(3)
     if form == 0:  # big -> small
-        question = rng.choice([f"{n}{big}等于多少{small}？", f"{n}{big}是多少{small}？", f"把{n}{big}换算成{small}，是多少？"])
+        question = rng.choice([f"{n}{big}等于多少{small}？", f"{n}{big}是多少{small}？",
+                               f"把{n}{big}换算成{small}，是多少？"])
         return Task("unit", question, f"{n * factor}{small}", f"1{big}={factor}{small}，{n}×{factor}={n * factor}。")
     if form == 1:  # small -> big, always a whole number
         question = rng.choice([f"{n * factor}{small}等于多少{big}？", f"{n * factor}{small}是几{big}？"])

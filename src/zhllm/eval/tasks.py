@@ -6,7 +6,8 @@ chat model) and scores the model's response. Two kinds:
 - "categorical": each item has choices; the model's pick is the choice whose continuation it finds most
   likely (summed log-probability after the prompt), and the item is right when that is `item.answer`.
 Both go through the inference engine (`Engine.generate_batch`, `Engine.score`), in `generate_answers`,
-`score_continuations` and `pick_choice` only (mc.py and bpb.py score through `score_continuations`). A new task is a `Task` subclass in its own module here (demo_tasks.py: generative).
+`score_continuations` and `pick_choice` only (mc.py and bpb.py score through `score_continuations`). A new task is
+a `Task` subclass in its own module here (demo_tasks.py: generative).
 """
 from __future__ import annotations
 

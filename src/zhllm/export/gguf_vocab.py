@@ -78,7 +78,8 @@ def read_vocab(model_dir: Path, vocab_size: int) -> GGUFVocab:
         text = _token_text(cfg.get(f"{key}_token"))
         if text is not None:
             if text not in ids:
-                raise ZhllmError(f"{model_dir / 'tokenizer_config.json'}: {key}_token {text!r} is not in the vocabulary")
+                raise ZhllmError(f"{model_dir / 'tokenizer_config.json'}: {key}_token {text!r} "
+                                 "is not in the vocabulary")
             special_ids[key] = ids[text]
     if IM_END in ids:  # llama.cpp stops a chat turn at eot; ChatML's end of turn is <|im_end|>
         special_ids["eot"] = ids[IM_END]

@@ -103,7 +103,8 @@ def chat(model_dir: str, system: str | None = None, device: str = "auto", dtype:
 
 
 def print_generation(model_dir: str, prompt: str, device: str = "auto", dtype: str = "auto",
-                     quantize: str = "none", chat_template: bool = False, stdout: TextIO | None = None, **sampling) -> int:
+                     quantize: str = "none", chat_template: bool = False, stdout: TextIO | None = None,
+                     **sampling) -> int:
     """`zhllm generate`: stream the continuation of `prompt` (or, with chat_template, the answer to it)."""
     stdout = stdout or sys.stdout
     engine = Engine.load(model_dir, device=device, dtype=dtype, quantize=quantize)

@@ -9,7 +9,8 @@ Here both passes go one block of 128 query rows at a time against only the keys 
 few bf16 batched matmuls plus elementwise work that inductor fuses; the backward recomputes the
 probabilities from the forward's log-sum-exp. Measured per layer call at the 26m shape: the blocked
 backward took forward plus backward from 97 to 69 ms (Intel AVX512); the blocked forward took the forward
-from 18-26 to 11-12 ms (AMD), and the whole 26m bf16 step 9-13% faster there. At the demo's shape (batch 8, seq 256, 8 heads of 32) and at seq 1024 it is
+from 18-26 to 11-12 ms (AMD), and the whole 26m bf16 step 9-13% faster there.
+At the demo's shape (batch 8, seq 256, 8 heads of 32) and at seq 1024 it is
 within noise of PyTorch's; at seq 2048, where a block's score rows no longer fit in cache, it is slower,
 and in fp32 it measured within 10% of PyTorch's either way. Eagerly the unfused elementwise work costs
 more than it saves. So it is used for bf16, sequences up to 1024, inside `torch.compile` (the trainer's

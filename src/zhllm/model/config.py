@@ -1,7 +1,8 @@
 """ModelConfig: the model's shape, and its two-way mapping to a Hugging Face `config.json`.
 
 zhllm writes `config.json` exactly as `transformers` would for `LlamaForCausalLM` / `Qwen2ForCausalLM` (and
-`Qwen2MoeForCausalLM` for a mixture-of-experts model), so a checkpoint directory needs no conversion; and it reads any such file, whichever transformers version wrote it
+`Qwen2MoeForCausalLM` for a mixture-of-experts model), so a checkpoint directory needs no conversion;
+and it reads any such file, whichever transformers version wrote it
 (`rope_scaling` + `rope_theta` in 4.x, `rope_parameters` in 5.x).
 """
 from __future__ import annotations

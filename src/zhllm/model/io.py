@@ -61,9 +61,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(resolve_model_dir(path)):
         try:
-            part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+            part = (load_file(str(f)) if f.suffix == ".safetensors"
+                    else torch.load(f, map_location="cpu", weights_only=True))
         except (SafetensorError, OSError, RuntimeError, EOFError) as e:
-            raise ZhllmError(f"{f}: cannot read weights ({str(e).splitlines()[0]}); the file is corrupted or incomplete") from None
+            raise ZhllmError(f"{f}: cannot read weights ({str(e).splitlines()[0]}); "
+                             "the file is corrupted or incomplete") from None
         state.update(part)
     try:
         return stack_expert_weights(state)
@@ -184,7 +186,8 @@ def _generation_ids(tok_dir: Path, cfg: ModelConfig) -> dict:
         from ..tokenizer.load import load_tokenizer
         tok = load_tokenizer(tok_dir)
         names = {"eos": tok.eos_token, "pad": tok.pad_token, "bos": tok.bos_token}
-        lookup = lambda t: None if t is None or tok.convert_tokens_to_ids(t) == tok.unk_token_id else tok.convert_tokens_to_ids(t)  # noqa: E731
+        lookup = lambda t: (None if t is None or tok.convert_tokens_to_ids(t) == tok.unk_token_id  # noqa: E731
+                            else tok.convert_tokens_to_ids(t))
     else:
         added, vocab = found
         tcfg = json.loads(tcfg_file.read_text(encoding="utf-8"))

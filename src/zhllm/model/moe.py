@@ -164,7 +164,8 @@ def expert_load(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 def router_loss_terms(records: list) -> tuple[torch.Tensor, dict[str, float]]:
     """From `record_router_logits`' records: the training term (the mean per-layer load-balancing loss and the z
-    loss, times their coefficients) and figures to log (`moe/aux_loss`, `moe/z_loss`, `expert_load/L<layer>/E<expert>`, layers counted in call order)."""
+    loss, times their coefficients) and figures to log (`moe/aux_loss`, `moe/z_loss`,
+    `expert_load/L<layer>/E<expert>`, layers counted in call order)."""
     logits = [r[0] for r in records]
     m: MoEConfig = records[0][1]
     # Per layer, then averaged (Switch Transformer, Megatron): transformers pools every layer's tokens first, so

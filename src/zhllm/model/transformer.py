@@ -124,8 +124,10 @@ class Attention(nn.Module):
             out = out.view(B, self.n_heads, T, self.head_dim)
         else:
             if group > 1:
-                k = k[:, :, None].expand(B, self.n_kv, group, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
-                v = v[:, :, None].expand(B, self.n_kv, group, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
+                k = k[:, :, None].expand(B, self.n_kv, group, T, self.head_dim).reshape(B, self.n_heads, T,
+                                                                                         self.head_dim)
+                v = v[:, :, None].expand(B, self.n_kv, group, T, self.head_dim).reshape(B, self.n_heads, T,
+                                                                                         self.head_dim)
             out = causal_attention(q, k, v) if mask is None else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -197,7 +199,8 @@ class Transformer(nn.Module):
             t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.float())
             emb = torch.cat((freqs, freqs), dim=-1)
-            cache = ((emb.cos() * self.rope_scale).to(position_ids.device), (emb.sin() * self.rope_scale).to(position_ids.device))
+            cache = ((emb.cos() * self.rope_scale).to(position_ids.device),
+                     (emb.sin() * self.rope_scale).to(position_ids.device))
             self._rope_cache = cache
         cos, sin = cache[0][position_ids], cache[1][position_ids]
         return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)

@@ -1,6 +1,7 @@
 """The pipeline's config: one YAML file with a section per stage, loaded and checked before any stage runs.
 
-The pretrain, SFT, DPO and GRPO recipes inside it are typed by their stages' own config classes here too (`typed_recipes`),
+The pretrain, SFT, DPO and GRPO recipes inside it are typed by their stages' own config classes here too
+(`typed_recipes`),
 so a typo in either fails when the file loads, naming the key, instead of after the four stages before them.
 """
 from __future__ import annotations

@@ -138,7 +138,8 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
     tok = results.get("tokenizer", {})
     if tok:
         lines += ["## Tokenizer", "", f"- `{_rel(tok['path'], run_dir)}`: vocabulary {tok.get('vocab_size')}"
-                  + (f", {tok['chars_per_token']:.2f} characters per token on held-out text" if tok.get("chars_per_token") else ""), ""]
+                  + (f", {tok['chars_per_token']:.2f} characters per token on held-out text"
+                     if tok.get("chars_per_token") else ""), ""]
 
     lines += ["## Training", ""]
     for stage in ("pretrain", "sft", "dpo", "grpo"):
@@ -174,14 +175,16 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
             lines.append(f"| {stage} | {_fmt(m['val_loss'])} | {_fmt(m['val_ppl'], 2)} | {_fmt(m['val_bpb'])} | "
                          f"{m['task_accuracy']:.1%} ({m['tasks']} tasks) |")
         lines += ["", *_kind_table(ev)]
-        chat_stage = next((s for s in ("grpo", "dpo", "sft") if (run_dir / "eval" / f"answers_{s}.jsonl").is_file()), None)
+        chat_stage = next((s for s in ("grpo", "dpo", "sft")
+                           if (run_dir / "eval" / f"answers_{s}.jsonl").is_file()), None)
         answers = run_dir / "eval" / f"answers_{chat_stage}.jsonl"
         if chat_stage:
             rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()[:cfg.eval.samples]]
             lines += [f"## Sample chats ({chat_stage.upper()} model, held-out questions)", ""]
             for row in rows:
                 mark = "✓" if row["correct"] else "✗"
-                lines += [f"> **用户**：{row['question']}", ">", "> **助手**：" + row["output"].strip().replace("\n", "\n> "), "",
+                lines += [f"> **用户**：{row['question']}", ">",
+                          "> **助手**：" + row["output"].strip().replace("\n", "\n> "), "",
                           f"{mark} expected answer: {row['answer']}", ""]
     final = next((results[s] for s in ("grpo", "dpo", "sft", "pretrain") if s in results), None)
     if final:

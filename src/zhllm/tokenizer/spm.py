@@ -2,7 +2,8 @@
 
 SentencePiece is trained with byte fallback (nothing is unknown), single digits, 99.95% character coverage
 (lowered when the vocabulary is too small to hold those characters and some merges: the rarest characters
-then become UTF-8 byte pieces instead of failing) and *identity* normalisation with whitespace kept, so decoding gives back exactly the input text (the
+then become UTF-8 byte pieces instead of failing) and *identity* normalisation with whitespace kept,
+so decoding gives back exactly the input text (the
 default NFKC rule would turn full-width `！` into `!`). Our special tokens are its first control symbols,
 so ids 0, 1, 2 mean the same as in the byte-level backend.
 

@@ -78,7 +78,8 @@ def inject_lora(model: nn.Module, config, qlora: bool = False) -> nn.Module:
 def quantize_base_4bit(model: nn.Module) -> None:
     """QLoRA's base: every linear layer but lm_head becomes a frozen NF4 `bitsandbytes` layer on the GPU."""
     if not torch.cuda.is_available():
-        raise ZhllmError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit weights); on CPU use plain LoRA (lora.qlora=false)")
+        raise ZhllmError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit weights); "
+                         "on CPU use plain LoRA (lora.qlora=false)")
     try:
         import bitsandbytes as bnb
     except ImportError:

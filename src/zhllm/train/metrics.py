@@ -19,7 +19,8 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, 
 
 def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters a token uses (lm_head included; the embedding lookup and
-    the experts a token is not routed to not) plus the attention scores and values, 12 x layers x heads x head_dim x seq_len (PaLM appendix B)."""
+    the experts a token is not routed to not) plus the attention scores and values,
+    12 x layers x heads x head_dim x seq_len (PaLM appendix B)."""
     matmul_params = cfg.num_params(include_embeddings=False, active=True) + cfg.vocab_size * cfg.dim
     return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
@@ -148,8 +149,9 @@ def train_line(r: dict) -> str:
     # an objective's own figures are namespaced ("rewards/margins"); the console shows the few that say most
     extra = "".join(f" {k.split('/')[-1]} {r[k]:.3f}" for k in ("rewards/margins", "rewards/accuracy", "reward", "kl",
                                                                 "moe/aux_loss") if k in r)
-    return (f"step {r['step']}/{r['max_steps']} loss {r['loss']:.4f}{extra} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
-            f"tok/s {r['tokens_per_s']:.0f}{mfu} mem {r['memory_gb']:.2f}GB eta {'-' if r['eta_s'] is None else format_eta(r['eta_s'])}")
+    return (f"step {r['step']}/{r['max_steps']} loss {r['loss']:.4f}{extra} lr {r['lr']:.2e} "
+            f"gnorm {r['grad_norm']:.3f} tok/s {r['tokens_per_s']:.0f}{mfu} mem {r['memory_gb']:.2f}GB "
+            f"eta {'-' if r['eta_s'] is None else format_eta(r['eta_s'])}")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

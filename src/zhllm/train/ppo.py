@@ -192,7 +192,8 @@ class PPO(GRPO):
             explained = 1 - float(residual.var() / rollout.returns[m].var().clamp(min=1e-8)) if m.sum() > 1 else 0.0
         metrics = {**rollout.metrics, "clip_ratio": out.clip_fraction, "value_clip_ratio": out.value_clip_fraction,
                    "policy_loss": out.policy, "value_loss": out.value, "explained_variance": explained,
-                   "entropy": float((entropy * m).sum() / m.sum().clamp(min=1)), "rollout_s": rollout_s * self.grad_accum}
+                   "entropy": float((entropy * m).sum() / m.sum().clamp(min=1)),
+                   "rollout_s": rollout_s * self.grad_accum}
         if pass_ == self.ppo_epochs - 1:
             self.buffer.pop(source, None)
         return GrpoOutput(out.loss, 1.0, metrics, tokens=rollout.input_ids.numel())

@@ -72,7 +72,8 @@ def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
         loss = loss - ent_coef * (entropy * m).sum() / n
     with torch.no_grad():
         clip_fraction = float((((ratio - 1).abs() > cliprange).to(m.dtype) * m).sum() / n)
-        value_clip_fraction = float((((values - returns) ** 2 < (clipped_values - returns) ** 2).to(m.dtype) * m).sum() / n)
+        value_clip_fraction = float((((values - returns) ** 2 < (clipped_values - returns) ** 2).to(m.dtype) * m).sum()
+                                    / n)
     return PPOLoss(loss, float(policy.detach()), float(value.detach()), clip_fraction, value_clip_fraction)
 
 

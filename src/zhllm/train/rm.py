@@ -67,7 +67,8 @@ class RmLossOutput(LossOutput):
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | torch.Tensor = 0.0,
                        center_coef: float = 0.0) -> torch.Tensor:
-    """Per-pair losses: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2 (margin: a number or per pair)."""
+    """Per-pair losses: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2 (margin: a number or
+    per pair)."""
     losses = -F.logsigmoid(chosen - rejected - margin)
     return losses + center_coef * (chosen + rejected) ** 2 if center_coef else losses
 

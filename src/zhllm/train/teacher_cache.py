@@ -61,7 +61,8 @@ class TeacherTopKCache:
         self.dir, self.k = Path(directory), k
         meta = {"format": FORMAT, "version": 1, "k": k, "seq_len": data.seq_len, "teacher": teacher,
                 "shards": [{"path": str(Path(d.path).resolve()), "tokenizer": d.meta.get("tokenizer_sha256"),
-                            "train_tokens": d.meta.get("splits", {}).get("train", {}).get("tokens")} for d in data.dirs],
+                            "train_tokens": d.meta.get("splits", {}).get("train", {}).get("tokens")}
+                           for d in data.dirs],
                 "windows": data.windows_per_source()}
         meta_file = self.dir / "meta.json"
         fresh = not meta_file.is_file()

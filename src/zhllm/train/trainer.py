@@ -210,8 +210,9 @@ class Trainer:
                       f"({self.consecutive_nonfinite} in a row)")
         self.optimizer.zero_grad(set_to_none=True)
         if self.consecutive_nonfinite >= t.max_nonfinite:
-            raise NonFiniteError(f"{self.consecutive_nonfinite} non-finite steps in a row at step {self.state.step + 1} "
-                                 "(loss or gradients are inf/nan); lower train.lr, raise train.warmup_steps or use bf16/fp32")
+            raise NonFiniteError(f"{self.consecutive_nonfinite} non-finite steps in a row at step "
+                                 f"{self.state.step + 1} (loss or gradients are inf/nan); "
+                                 "lower train.lr, raise train.warmup_steps or use bf16/fp32")
         self.state.step += 1
         self.state.data_position += t.grad_accum * self.d.world * t.batch_size
         self.state.tokens_seen += step_tokens
@@ -310,7 +311,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{r['loss']:.3f}")
                 if logger and (st.step % cfg.log.every == 0 or st.step == 1 or st.step == self.max_steps):
                     tps = window["tokens"] / max(window["time"], 1e-9)
-                    rec = {"kind": "train", "step": st.step, "max_steps": self.max_steps, "loss": window["loss"] / max(window["steps"], 1),
+                    rec = {"kind": "train", "step": st.step, "max_steps": self.max_steps,
+                           "loss": window["loss"] / max(window["steps"], 1),
                            "lr": r["lr"], "grad_norm": r["grad_norm"], "tokens_per_s": tps,
                            "mfu": mfu(tps * fpt),
                            "data_share": window["data"] / max(window["time"], 1e-9),
