@@ -29,7 +29,6 @@ SIDES = ("zhllm", "zhllm, bf16 weights", "zhllm, bf16 weights, compiled", "TRL")
 LORA_SIDES = ("zhllm", "TRL")
 
 
-
 def run_zhllm(model_dir: Path, prompts: Path, a, bf16_weights: bool = False, compile: bool = False) -> dict:
     import shutil
 
