@@ -13,6 +13,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _above_zero(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _eval(args) -> None:
     from ..eval.compare import EvalOptions, run_eval
     opts = EvalOptions(task=args.task, inputs=args.input or [], dev=args.dev or [], shots=args.shots,
@@ -20,6 +34,7 @@ def _eval(args) -> None:
                        max_chars_per_doc=args.max_chars_per_doc, stride=args.stride, context=args.context,
                        batch_tokens=args.batch_tokens, batch_size=args.batch_size, match=args.match,
                        stop=args.stop or [], max_new_tokens=args.max_new_tokens, num=args.num, seed=args.seed,
+                       samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                        device=args.device, dtype=args.dtype, progress=not args.no_progress)
     run_eval(args.models, opts, out=args.out, overwrite=args.overwrite)
 
@@ -30,7 +45,8 @@ def register(root, groups) -> None:
         description="Evaluate one or more checkpoints (zhllm or any HF Llama/Qwen2 directory) on the same inputs and "
                     "print a side-by-side table. bpb: bits per byte (tokenizer-independent) and per-token "
                     "perplexity on a corpus; mc: CMMLU/C-Eval multiple choice, accuracy per subject with a 95%% CI; "
-                    "gen: greedy answers to JSONL prompts matched against references; demo: the held-out demo tasks.")
+                    "gen: greedy answers to JSONL prompts matched against references; demo: the held-out demo tasks; "
+                    "gen and demo with --samples N: pass@k over N sampled answers per item.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint directories")
     p.add_argument("--task", required=True, choices=["bpb", "mc", "gen", "demo"])
     p.add_argument("--input", nargs="+", help="input files, directories or globs (jsonl/json/parquet/csv/txt, .gz)")
@@ -59,7 +75,13 @@ def register(root, groups) -> None:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--max-new-tokens", type=_positive, default=64, help="default 64")
     g.add_argument("--num", type=_positive, default=100, help="demo: held-out tasks (default 100)")
-    g.add_argument("--seed", type=int, default=0, help="demo: task seed (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="demo: task seed; with --samples, the sampling seed too "
+                                                         "(default 0)")
+    g.add_argument("--samples", type=_positive, default=0,
+                   help="N answers sampled per item instead of one greedy answer: accuracy is then pass@1 (the mean "
+                        "over samples), with pass@2, pass@4, ... pass@N beside it")
+    g.add_argument("--temperature", type=_above_zero, default=0.7, help="with --samples (default 0.7)")
+    g.add_argument("--top-p", type=_unit_interval, default=1.0, help="with --samples (default 1.0)")
     add_overwrite_flag(p)
     add_progress_flag(p)
     p.set_defaults(func=_eval)

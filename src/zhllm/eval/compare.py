@@ -33,7 +33,10 @@ class EvalOptions:
     stop: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
     num: int = 100                    # demo: how many held-out tasks
-    seed: int = 0
+    seed: int = 0                     # demo: the tasks' seed; with samples, the sampling seed too
+    samples: int = 0                  # gen/demo: answers sampled per item for pass@k (0: one greedy answer)
+    temperature: float = 0.7          # with samples
+    top_p: float = 1.0
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
@@ -133,18 +136,21 @@ def _evaluate_one(path: str, opts: EvalOptions, shared: dict) -> tuple[dict, lis
         seconds = time.perf_counter() - started
         return {**res.to_dict(), "seconds": seconds, "items_per_s": res.overall.total / max(seconds, 1e-9)}, res.rows
     from .mc import Tally
-    from .tasks import run_task
+    from .tasks import Sampling, run_task, sampled_metrics
     task = shared["task"]
     chat = opts.chat if opts.task == "gen" else _is_chat_model(engine)
+    sampling = Sampling(opts.samples, opts.temperature, opts.top_p, opts.seed) if opts.samples else None
     with _bar(len(task.items()), "item", opts.progress, name) as bar:
         rows = run_task(task, engine.model, engine.tokenizer, chat=chat, max_new_tokens=opts.max_new_tokens,
-                        batch_size=opts.batch_size, engine=engine, progress=bar.update)
+                        batch_size=opts.batch_size, engine=engine, progress=bar.update, sampling=sampling)
+    seconds = time.perf_counter() - started
+    if sampling is not None:
+        return {**sampled_metrics(rows, sampling.n), "chat": chat, "read": shared["read"], "seconds": seconds}, rows
     tally = Tally()
     for r in rows:
         tally.add(r["correct"], 1)
     metrics = tally.to_dict()
     metrics.pop("chance")  # open answers have no chance level
-    seconds = time.perf_counter() - started
     return {**metrics, "chat": chat, "read": shared["read"], "seconds": seconds}, rows
 
 
@@ -167,10 +173,15 @@ def markdown_table(task: str, results: dict[str, dict]) -> str:
         lines += [f"| {m} | {r['bpb']:.4f} | {r['ppl']:.2f} | {r['docs']} | {r['bytes']} | {r['tokens']} | "
                   f"{r['tokens_per_s']:.0f} |" for m, r in results.items()]
         return "\n".join(lines)
-    lines = ["| model | accuracy | 95% CI | chance | n |", "|---|---:|---:|---:|---:|"]
+    # sampled answers: accuracy is pass@1 (the mean over samples), then a column per pass@k
+    passes = sorted({k for r in results.values() for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    lines = ["| model | accuracy | 95% CI | chance | n |" + "".join(f" {k} |" for k in passes),
+             "|---|---:|---:|---:|---:|" + "---:|" * len(passes)]
     for m, r in results.items():
         chance = _pct(r["chance"]) if "chance" in r else "-"
-        lines.append(f"| {m} | {_pct(r['acc'])} | {_pct(r['ci95'][0])}–{_pct(r['ci95'][1])} | {chance} | {r['n']} |")
+        cells = "".join(f" {_pct(r[k]) if k in r else '-'} |" for k in passes)
+        lines.append(f"| {m} | {_pct(r['acc'])} | {_pct(r['ci95'][0])}–{_pct(r['ci95'][1])} | {chance} | {r['n']} |"
+                     + cells)
     if task == "mc":
         subjects = sorted({s for r in results.values() for s in r["subjects"]})
         if len(subjects) > 1:
