@@ -1,8 +1,8 @@
 """The pipeline's config: one YAML file with a section per stage, loaded and checked before any stage runs.
 
 The pretrain, SFT, DPO and GRPO recipes inside it are typed by their stages' own config classes here too
-(`typed_recipes`),
-so a typo in either fails when the file loads, naming the key, instead of after the four stages before them.
+(`typed_recipes`), so a typo in either fails when the file loads, naming the key, instead of after the four
+stages before them.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..config import from_dict, load_config, merge
+from ..config import checked, from_dict, load_config, merge
 
 if TYPE_CHECKING:
     from ..train.config import RunConfig
@@ -32,7 +32,7 @@ class CorpusSection:
 class CleanSection:
     config: Optional[str] = None   # a clean recipe (configs/clean/*.yaml); default filters otherwise
     set: list[str] = field(default_factory=list)
-    workers: int = 1
+    workers: int = checked(0, ge=0)  # 0 = all cores, as `zhllm data clean`
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TokenizerSection:
 @dataclass
 class TokenizeSection:
     val_fraction: float = 0.02
-    workers: int = 0               # 0 = all cores
+    workers: int = checked(0, ge=0)  # 0 = all cores
 
 
 @dataclass

@@ -7,6 +7,7 @@ and, if it reports anything, a part in report.py).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,7 +55,7 @@ def clean(run: PipelineRun) -> StageOutcome:
     def fn(d: Path) -> dict:
         out = d / "data"
         report = clean_corpus(corpus_out["files"], out, load_clean_config(c.config, c.set),
-                              field=corpus_out["field"], workers=c.workers)
+                              field=corpus_out["field"], workers=c.workers or os.cpu_count() or 1)
         run.runner.log(format_clean_report(report))
         return {"path": str(out), "report": report}
 
