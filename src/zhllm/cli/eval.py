@@ -13,13 +13,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
 def _above_zero(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -81,7 +74,7 @@ def register(root, groups) -> None:
                    help="N answers sampled per item instead of one greedy answer: accuracy is then pass@1 (the mean "
                         "over samples), with pass@2, pass@4, ... pass@N beside it")
     g.add_argument("--temperature", type=_above_zero, default=0.7, help="with --samples (default 0.7)")
-    g.add_argument("--top-p", type=_unit_interval, default=1.0, help="with --samples (default 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="with --samples (default 1.0 = off)")
     add_overwrite_flag(p)
     add_progress_flag(p)
     p.set_defaults(func=_eval)
