@@ -153,6 +153,23 @@ def test_lora_reward_model_resumes_bitwise_and_loads_in_peft(tmp_path, tiny_mode
         theirs = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.squeeze(-1)
     assert RewardScorer(ckpt).score(convs) == pytest.approx(theirs.tolist(), abs=1e-4)
 
+    # `zhllm lora merge` of the same adapter onto the causal-LM base gives the reward model back, head included
+    merged = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "zhllm", "lora", "merge", "--base", str(tiny_model_dir),
+                           "--adapter", str(ckpt / "adapter"), "--out", str(merged)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((merged / "config.json").read_text())["pad_token_id"] == pad
+    assert RewardScorer(merged).score(convs) == pytest.approx(theirs.tolist(), abs=1e-4)
+    head_only = tmp_path / "no_head"  # an adapter that names its head but lost its weights: an error, not a new head
+    head_only.mkdir()
+    (head_only / "adapter_config.json").write_text((ckpt / "adapter" / "adapter_config.json").read_text())
+    from safetensors.torch import save_file
+    save_file({k: v for k, v in load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).items()
+               if "score" not in k}, str(head_only / "adapter_model.safetensors"))
+    lost = subprocess.run([sys.executable, "-m", "zhllm", "lora", "merge", "--base", str(tiny_model_dir),
+                           "--adapter", str(head_only), "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert lost.returncode != 0 and "holds no weights for them" in lost.stderr and "Traceback" not in lost.stderr
+
 
 def test_bf16_weights_checkpoint_is_the_reward_model(tmp_path, tiny_model_dir, pairs_file):
     # the checkpoint is built from the fp32 masters: as the model's own class, score head and all

@@ -58,7 +58,9 @@ def register(root, groups) -> None:
     sub = lora.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base model",
                        description="Write base + adapter as one HF-native checkpoint (config.json, model.safetensors, "
-                                   "tokenizer) that loads with AutoModelForCausalLM and zhllm alike.")
+                                   "tokenizer) that loads with AutoModelForCausalLM and zhllm alike; a reward model's "
+                                   "adapter (zhllm rm with LoRA, its head inside) gives a sequence-classification "
+                                   "model that loads with AutoModelForSequenceClassification.")
     m.add_argument("--base", required=True, help="base model directory (zhllm or HF Llama/Qwen2)")
     m.add_argument("--adapter", required=True,
                    help="adapter directory (adapter_config.json + adapter_model.safetensors)")

@@ -42,6 +42,14 @@ class RewardModel(Transformer):
         return self.score(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
 
 
+def default_pad_token_id(tokenizer) -> int:
+    """The `pad_token_id` a reward model's config.json names, which transformers uses to find each row's last
+    token: the tokenizer's pad token, else its end-of-text token, else 0 (zhllm's batches pad with the same)."""
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return (tokenizer.eos_token_id if tokenizer is not None else None) or 0
+
+
 def is_reward_model_dir(path: str | Path) -> bool:
     import json
     from ..pointers import resolve_model_dir

@@ -96,6 +96,7 @@ def open_preference_data(cfg: DpoConfig, tokenizer, log=print, stage: str = "dpo
     """(train, val or None) PreferenceDataset of the configured files, with the skip counts logged.
     `cfg` is any recipe with a `DpoDataSection` as `data` (DPO's, the reward model's)."""
     from ..data.preference import PreferenceDataset, load_preference_pairs
+    from ..model.reward import default_pad_token_id
     d, t = cfg.data, cfg.train
     pairs, stats = load_preference_pairs(tokenizer, list(d.path), d.format, max_len=d.max_len or t.seq_len,
                                          max_prompt_len=d.max_prompt_len, overflow=d.overflow, strict=d.strict)
@@ -104,7 +105,7 @@ def open_preference_data(cfg: DpoConfig, tokenizer, log=print, stage: str = "dpo
     if not pairs:
         raise ZhllmError(f"data.path {list(d.path)}: no usable preference pair ({stats.bad.why_empty()})")
     train, val = split_pairs(pairs, d.val_fraction, t.seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = default_pad_token_id(tokenizer)  # a reward model's config.json names the same (build_reward_model)
     log(f"{stage} data: {len(train)} training pairs, {len(val)} held out")
     return PreferenceDataset(train, seed=t.seed, pad_id=pad), \
         (PreferenceDataset(val, seed=t.seed, pad_id=pad) if val else None)

@@ -163,6 +163,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     model = inject_lora(model, config)
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
     head = {k: state.pop(k) for k in list(state) if k.startswith(heads)}
+    if heads and not head:  # else a reward model's head would stay the new, random one
+        raise ZhllmError(f"{adapter_dir}: adapter names modules_to_save {[h[:-1] for h in heads]} "
+                         f"but holds no weights for them")
     if head:
         own = model.state_dict()
         unknown = sorted(k for k in head if k not in own or own[k].shape != head[k].shape)
@@ -251,21 +254,37 @@ def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Base checkpoint + adapter -> full HF-native checkpoint (with the tokenizer) in the base's dtype."""
+    """Base checkpoint + adapter -> full HF-native checkpoint (with the tokenizer) in the base's dtype: a causal
+    LM, or for a reward model's SEQ_CLS adapter a sequence-classification model with the adapter's head."""
     from ..model.io import TOKENIZER_FILES, load_model, read_state_dict, save_model
+    from ..model.reward import default_pad_token_id, load_reward_model
     from ..outputs import check_output_dir
     from ..pointers import resolve_model_dir
+    from ..tokenizer.load import load_tokenizer
 
     base_dir, adapter_dir = resolve_model_dir(base_dir), resolve_model_dir(adapter_dir)  # checkpoints/latest
 
     check_output_dir(out_dir, MERGE_COMMAND, inputs=[base_dir, adapter_dir], overwrite=overwrite)
 
     base_dtype = next(iter(read_state_dict(base_dir).values())).dtype
-    model = load_model(base_dir, dtype=torch.float32)  # merge in fp32, store in the base's dtype
+    # a reward model's adapter (zhllm rm with LoRA) merges onto the base's backbone with the head it carries
+    reward = _task_type(adapter_dir) == "SEQ_CLS"
+    load = load_reward_model if reward else load_model
+    model = load(base_dir, dtype=torch.float32)  # merge in fp32, store in the base's dtype
     model = merge_adapter(load_adapter(model, adapter_dir))
     tokenizer = next((d for d in (Path(adapter_dir), Path(base_dir))
                       if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
+    if reward and model.config.pad_token_id is None:
+        model.config.pad_token_id = default_pad_token_id(load_tokenizer(tokenizer) if tokenizer else None)
     return save_model(model, out_dir, tokenizer=tokenizer, dtype=base_dtype, command=MERGE_COMMAND)
+
+
+def _task_type(adapter_dir: Path) -> str | None:
+    """The adapter config's task_type; None where it cannot be read (load_adapter then says why)."""
+    try:
+        return json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("task_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def enable_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:

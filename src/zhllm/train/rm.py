@@ -100,7 +100,7 @@ class BradleyTerry:
 
 
 def build_reward_model(run: StageRun, train) -> torch.nn.Module:
-    from ..model.reward import load_reward_model
+    from ..model.reward import default_pad_token_id, load_reward_model
     cfg = run.cfg
     # with LoRA: the base's backbone and a new head (a resume loads the adapter and the head from adapter/)
     model = load_policy(run, load=lambda path: load_reward_model(path, train=True, seed=cfg.train.seed))
@@ -108,9 +108,7 @@ def build_reward_model(run: StageRun, train) -> torch.nn.Module:
         for name in HEAD:
             model.get_submodule(name).requires_grad_(True)
     if model.config.pad_token_id is None:
-        # transformers finds each row's last token by its pad id; the batches pad with this one (open_preference_data)
-        tok = run.tokenizer
-        model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        model.config.pad_token_id = default_pad_token_id(run.tokenizer)  # what open_preference_data pads with
     return model
 
 
