@@ -79,6 +79,10 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
     assert results["clean"]["report"]["docs_kept"] > 500
     assert (run / "tokenizer" / "tokenizer" / "tokenizer.json").is_file()
     assert json.loads((run / "tokenize" / "shards" / "meta.json").read_text())["vocab_size"] == 512
+    # the tokenizer learns from the cleaned prose alone (less a held-out slice); the shards hold the task documents too
+    assert 0 < results["tokenizer"]["chars_trained"] < results["clean"]["report"]["chars_out"]
+    splits = results["tokenize"]["splits"]
+    assert sum(s["documents"] for s in splits.values()) == results["clean"]["report"]["docs_kept"] + 40
     for stage in ("pretrain", "sft", "dpo", "grpo"):
         ckpt = Path(results[stage]["checkpoint"])
         assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
@@ -146,6 +150,20 @@ def test_demo_pipeline_end_to_end_then_cached_then_partial_rerun(tmp_path):
                                  "grpo.recipe.train.lr=2e-5"), log=logs.append)
     ran = [m.group(1) for m in (re.match(r"\[stage \d+/10 (\w+)\] running", line) for line in logs) if m]
     assert ran == ["grpo", "eval", "report"]
+
+
+def test_the_tokenizer_learns_from_the_task_documents_only_when_asked(tmp_path):
+    """Templated task text would take the demo vocabulary's merges (`，所以王老师更重` one token), so by default
+    the tokenizer stage trains on the cleaned text alone; `tokenizer.task_docs` puts the task documents back."""
+    trained = {}
+    for with_tasks in (False, True):
+        run = tmp_path / str(with_tasks)
+        results = run_pipeline(DEMO, overrides(run, f"tokenizer.task_docs={str(with_tasks).lower()}"),
+                               until="tokenizer", log=lambda line: None)
+        trained[with_tasks] = results["tokenizer"]["chars_trained"]
+        report_chars = results["clean"]["report"]["chars_out"]
+        assert (trained[with_tasks] > report_chars) == with_tasks
+    assert trained[True] > trained[False]
 
 
 def test_killed_pipeline_resumes_pretraining(tmp_path):

@@ -129,6 +129,10 @@ def write_report(run_dir: Path, cfg, results: dict, outcomes: list) -> Path:
         lines += ["## Data", "", f"- records read: {clean.get('records_read')}, kept after cleaning and dedup: "
                   f"{clean.get('docs_kept')} ({clean.get('chars_out')} characters)",
                   "- removed: " + (", ".join(f"{k} {v}" for k, v in clean.get("removed", {}).items()) or "none")]
+        if results.get("corpus", {}).get("generated"):
+            learned = results.get("tokenizer", {}).get("trained") and not cfg.tokenizer.task_docs
+            lines.append(f"- generated task documents: {cfg.corpus.task_docs} (not cleaned"
+                         + ("; left out of the tokenizer's training text)" if learned else ")"))
         splits = results.get("tokenize", {}).get("splits") or {}
         for name, s in splits.items():
             if isinstance(s, dict):

@@ -22,6 +22,8 @@ from .config import (BUILTIN_DEMO, PipelineConfig, StageRecipes, dpo_paths, grpo
 from .runner import STARTED_FILE, StageOutcome, StageRunner, files_fingerprint
 
 PIPELINE_COMMAND = "pipeline"
+# bumped when the corpus stage's summary changes shape, so runs cached by an older zhllm re-run from it
+CORPUS_LAYOUT = 2
 
 
 @dataclass
@@ -35,17 +37,20 @@ class PipelineRun:
 
 
 def corpus(run: PipelineRun) -> StageOutcome:
+    """`files`: text to clean (the built-in prose, the user's inputs); `generated`: the demo's task documents,
+    written by zhllm itself, so they skip cleaning and, unless `tokenizer.task_docs`, the tokenizer's text."""
     c, seed = run.cfg.corpus, run.cfg.seed
 
     def fn(d: Path) -> dict:
-        files = []
+        files, generated = [], []
         if BUILTIN_DEMO in c.inputs:
             from ..demo import write_demo_corpus
-            files += [str(p) for p in write_demo_corpus(d, c.task_docs, seed)]
+            prose, tasks = write_demo_corpus(d, c.task_docs, seed)
+            files, generated = [str(prose)], [str(tasks)]
         files += [i for i in c.inputs if i != BUILTIN_DEMO]
-        return {"files": files, "field": c.field}
+        return {"files": files, "generated": generated, "field": c.field}
 
-    return run.runner.run("corpus", [to_dict(c), seed], _input_fingerprint(c.inputs), fn)
+    return run.runner.run("corpus", [to_dict(c), seed, CORPUS_LAYOUT], _input_fingerprint(c.inputs), fn)
 
 
 def clean(run: PipelineRun) -> StageOutcome:
@@ -70,7 +75,8 @@ def tokenizer(run: PipelineRun) -> StageOutcome:
             from ..tokenizer.load import load_tokenizer
             return {"path": t.path, "vocab_size": len(load_tokenizer(t.path)), "trained": False}
         from ..tokenizer.train import train_tokenizer
-        rep = train_tokenizer([run.results["clean"]["path"]], d / "tokenizer", t.vocab_size,
+        text = [run.results["clean"]["path"]] + (run.results["corpus"]["generated"] if t.task_docs else [])
+        rep = train_tokenizer(text, d / "tokenizer", t.vocab_size,
                               max_chars=t.max_chars, backend=t.backend, seed=run.cfg.seed)
         run.runner.log(rep.format() if hasattr(rep, "format") else str(rep))
         return {"path": str(d / "tokenizer"), "vocab_size": rep.vocab_size, "trained": True,
@@ -85,7 +91,8 @@ def tokenize(run: PipelineRun) -> StageOutcome:
 
     def fn(d: Path) -> dict:
         out = d / "shards"
-        rep = tokenize_corpus([run.results["clean"]["path"]], run.results["tokenizer"]["path"], out,
+        text = [run.results["clean"]["path"]] + run.results["corpus"]["generated"]
+        rep = tokenize_corpus(text, run.results["tokenizer"]["path"], out,
                               val_fraction=t.val_fraction, workers=t.workers or None)
         return {"path": str(out), "splits": rep.splits}
 
