@@ -47,15 +47,15 @@ def _check_count(name: str, n: int) -> None:
         raise ZhllmError(f"{name} must be a whole number >= 0, got {n!r}")
 
 
-def write_demo_corpus(out_dir: str | Path, n_task_docs: int, seed: int = 0) -> list[Path]:
-    """Write `prose.jsonl` and `tasks.jsonl` ({"text", "topic"} per line) for pretraining; return their paths.
+def write_demo_corpus(out_dir: str | Path, n_task_docs: int, seed: int = 0) -> tuple[Path, Path]:
+    """Write `prose.jsonl` and `tasks.jsonl` ({"text", "topic"} per line) for pretraining; return (prose, tasks).
     `n_task_docs` has no default here: the pipeline's `corpus.task_docs` is the one place that sets it."""
     _check_count("n_task_docs", n_task_docs)
     out_dir = Path(out_dir)
     prose_path, tasks_path = out_dir / "prose.jsonl", out_dir / "tasks.jsonl"
     atomic_write_text(prose_path, _jsonl(iter_prose()))
     atomic_write_text(tasks_path, _jsonl({"text": t, "topic": "tasks"} for t in task_documents(n_task_docs, seed)))
-    return [prose_path, tasks_path]
+    return prose_path, tasks_path
 
 
 def write_demo_sft(out_path: str | Path, n: int = 2000, seed: int = 0, smalltalk_fraction: float = 0.05) -> Path:

@@ -75,8 +75,7 @@ def tokenizer(run: PipelineRun) -> StageOutcome:
             from ..tokenizer.load import load_tokenizer
             return {"path": t.path, "vocab_size": len(load_tokenizer(t.path)), "trained": False}
         from ..tokenizer.train import train_tokenizer
-        text = [run.results["clean"]["path"]] + (run.results["corpus"]["generated"] if t.task_docs else [])
-        rep = train_tokenizer(text, d / "tokenizer", t.vocab_size,
+        rep = train_tokenizer(_pretraining_text(run, generated=t.task_docs), d / "tokenizer", t.vocab_size,
                               max_chars=t.max_chars, backend=t.backend, seed=run.cfg.seed)
         run.runner.log(rep.format() if hasattr(rep, "format") else str(rep))
         return {"path": str(d / "tokenizer"), "vocab_size": rep.vocab_size, "trained": True,
@@ -91,8 +90,7 @@ def tokenize(run: PipelineRun) -> StageOutcome:
 
     def fn(d: Path) -> dict:
         out = d / "shards"
-        text = [run.results["clean"]["path"]] + run.results["corpus"]["generated"]
-        rep = tokenize_corpus(text, run.results["tokenizer"]["path"], out,
+        rep = tokenize_corpus(_pretraining_text(run), run.results["tokenizer"]["path"], out,
                               val_fraction=t.val_fraction, workers=t.workers or None)
         return {"path": str(out), "splits": rep.splits}
 
@@ -256,6 +254,11 @@ def _input_fingerprint(inputs: list[str]) -> list:
     if real:
         out.append(files_fingerprint(expand_inputs(real)))
     return out
+
+
+def _pretraining_text(run: PipelineRun, generated: bool = True) -> list[str]:
+    """The cleaned corpus, and (unless `generated` is false) the task documents the corpus stage generated."""
+    return [run.results["clean"]["path"]] + (run.results["corpus"]["generated"] if generated else [])
 
 
 def _recipe_file(stage_dir: Path, recipe: dict, filled: dict) -> Path:
