@@ -124,3 +124,43 @@ def test_a_worker_obeys_sigterm(tmp_path, tokenizer_dir, big_corpus):
     finally:
         proc.kill()
     _assert_gone(workers)
+
+
+def test_ctrl_c_while_the_pool_starts_its_manager_thread_stays_a_keyboard_interrupt(monkeypatch):
+    """Ctrl-C landing inside submit() while it starts the executor's manager thread left a thread not yet
+    started; shutdown(wait=True) raised "cannot join thread before it is started" over the KeyboardInterrupt,
+    so `zhllm data tokenize-sft` printed a traceback (seen under load in test_sigterm_or_ctrl_c_...)."""
+    import threading
+
+    from zhllm.data import ordered_pool
+
+    class InterruptedWhileStarting(ordered_pool.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            self._executor_manager_thread = threading.Thread(target=lambda: None)  # created, never started
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ordered_pool, "ProcessPoolExecutor", InterruptedWhileStarting)
+    with pytest.raises(KeyboardInterrupt):
+        list(ordered_pool.imap_ordered(abs, [(0, -1), (1, -2)], workers=2, initializer=lambda: None))
+
+
+def _slow_square(x: int) -> int:
+    time.sleep(0.01)
+    return x * x
+
+
+def _no_setup() -> None:
+    pass
+
+
+def test_ctrl_c_while_the_pool_runs_stops_it_as_a_keyboard_interrupt_and_restores_the_handler():
+    """The pool's SIGINT handler only flags and kills the workers (an exception raised inside a handler can be
+    swallowed by an at-fork hook); the loop then raises the KeyboardInterrupt the caller expects."""
+    from zhllm.data.ordered_pool import imap_ordered
+    results = imap_ordered(_slow_square, ((i, i) for i in range(10_000)), workers=2, initializer=_no_setup)
+    assert next(results) == (0, 0)
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # the pool's, while it runs
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        list(results)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -98,7 +98,7 @@ def imap_ordered(fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]], wor
     pending: deque = deque()
     source = iter(items)
     finished = False
-    with _sigterm_stops(pool) as stopped:
+    with _signals_stop(pool) as stopped:
         try:
             while True:
                 try:
@@ -111,7 +111,7 @@ def imap_ordered(fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]], wor
                         yield done_key, fut.result()
                     raise
                 if stopped:
-                    raise Terminated(128 + stopped[0])
+                    raise _stop(stopped[0])
                 pending.append((key, pool.submit(fn, item)))
                 if len(pending) >= 2 * workers:
                     done_key, fut = pending.popleft()
@@ -121,13 +121,23 @@ def imap_ordered(fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]], wor
                 yield done_key, fut.result()
             finished = True
         except BrokenProcessPool:
-            raise (Terminated(128 + stopped[0]) if stopped else ZhllmError(died)) from None
+            raise (_stop(stopped[0]) if stopped else ZhllmError(died)) from None
         finally:
             for _, fut in pending:
                 fut.cancel()
             if not finished:
                 terminate_workers(pool)
-            pool.shutdown(wait=True, cancel_futures=True)
+            _shut_down(pool)
+
+
+def _shut_down(pool: ProcessPoolExecutor) -> None:
+    """shutdown(wait=True), unless the pool's manager thread never said it started: a Ctrl-C inside submit()
+    can land while submit starts that thread, and join() then raises RuntimeError over the KeyboardInterrupt
+    (a traceback instead of a clean stop). Its workers are killed by then, so there is nothing to wait for."""
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+    except RuntimeError:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def terminate_workers(pool: ProcessPoolExecutor) -> None:
@@ -145,26 +155,39 @@ class Terminated(SystemExit):
     """SIGTERM received while workers ran: unwinds like an exit, so pools are stopped and temp files removed."""
 
 
+def _stop(signum: int) -> BaseException:
+    """What a stop signal becomes once the loop sees it: Ctrl-C the usual KeyboardInterrupt, SIGTERM an exit."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(128 + signum)
+
+
+# a signal whose handler is still Python's default is ours to take over while the pool runs
+_DEFAULT_HANDLERS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+
+
 @contextmanager
-def _sigterm_stops(pool: ProcessPoolExecutor) -> Iterator[list[int]]:
-    """While the pool runs, SIGTERM kills its workers and the loop then raises Terminated, so the
-    caller's cleanup (staged output directories) runs; the default would kill this process without it.
+def _signals_stop(pool: ProcessPoolExecutor) -> Iterator[list[int]]:
+    """While the pool runs, SIGTERM or Ctrl-C kills its workers and the loop then raises `_stop(signal)`, so the
+    caller's cleanup (staged output directories) runs; SIGTERM's default would kill this process without it.
 
     The handler only flags and kills: an exception raised inside a signal handler can land in code that
-    swallows it (at-fork hooks print "Exception ignored" and carry on)."""
+    swallows it (at-fork hooks print "Exception ignored" and carry on; a swallowed Ctrl-C once let
+    `tokenize-sft` go on with killed workers and report "no SFT examples")."""
     stopped: list[int] = []
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield stopped  # someone else handles SIGTERM (e.g. the trainer's graceful stop); keep their handler
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
         return
+    # someone else's handler (e.g. the trainer's graceful stop) is kept
+    ours = [s for s, default in _DEFAULT_HANDLERS.items() if signal.getsignal(s) is default]
 
     def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills outright
+        signal.signal(signum, _DEFAULT_HANDLERS[signum])  # a second one stops outright
         stopped.append(signum)
         terminate_workers(pool)
 
-    signal.signal(signal.SIGTERM, handler)
+    for s in ours:
+        signal.signal(s, handler)
     try:
         yield stopped
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in ours:
+            signal.signal(s, _DEFAULT_HANDLERS[s])
