@@ -153,7 +153,17 @@ def _no_setup() -> None:
     pass
 
 
-def test_ctrl_c_while_the_pool_runs_stops_it_as_a_keyboard_interrupt_and_restores_the_handler():
+@pytest.fixture
+def python_ctrl_c_handler():
+    """Python's own SIGINT handler, as in a fresh `zhllm` process: an earlier test in this process may have left
+    another one, and the pool keeps a handler it did not install."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_the_pool_runs_stops_it_as_a_keyboard_interrupt_and_restores_the_handler(
+        python_ctrl_c_handler):
     """The pool's SIGINT handler only flags and kills the workers (an exception raised inside a handler can be
     swallowed by an at-fork hook); the loop then raises the KeyboardInterrupt the caller expects."""
     from zhllm.data.ordered_pool import imap_ordered
