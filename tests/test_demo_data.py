@@ -67,8 +67,12 @@ def _recompute(task: Task) -> str:
         x, y = _numbers(q)
         return str(x * y)
     if task.kind == "weekday":
-        if m := re.search(r"(\d+)年(\d+)月(\d+)日", q):
-            return WEEKDAYS[datetime.date(*map(int, m.groups())).weekday()]
+        if m := re.search(r"(\d+)年(\d+)月(\d+)日是(星期.)", q):  # a known day, then a day of the same month
+            year, month, day = map(int, m.groups()[:3])
+            assert WEEKDAYS[datetime.date(year, month, day).weekday()] == m.group(4), q
+            asked = re.search(r"(\d+)月(\d+)日是星期几", q)
+            assert int(asked.group(1)) == month, q
+            return WEEKDAYS[datetime.date(year, month, int(asked.group(2))).weekday()]
         m = re.search(r"今天是(星期.)，(?:那么)?(\d+)天([前后])", q)
         today, days = WEEKDAYS.index(m.group(1)), int(m.group(2))
         return WEEKDAYS[(today + days if m.group(3) == "后" else today - days) % 7]
@@ -108,7 +112,8 @@ def test_every_answer_is_right_when_recomputed():
 
 def test_weekday_known_dates():
     # fixed calendar facts, not recomputed by the same code
-    assert _recompute(Task("weekday", "2024年3月5日是星期几？", "")) == "星期二"
+    assert _recompute(Task("weekday", "2024年3月5日是星期二，2024年3月20日是星期几？", "")) == "星期三"
+    assert _recompute(Task("weekday", "已知2024年3月20日是星期三，那么3月5日是星期几？", "")) == "星期二"
     assert _recompute(Task("weekday", "今天是星期六，50天后是星期几？", "")) == "星期日"
 
 
@@ -184,7 +189,7 @@ def test_extract_answer_reads_training_answers_back():
 
 def test_worked_lines_teach_only_true_steps_that_lead_to_the_answer():
     """A worked line is what a small model learns to imitate: every equation and comparison in it holds, and
-    its last step is the answer (column sums, borrows, counted days and counted characters)."""
+    its last step is the answer (column sums, borrows, remainders, counted days and counted characters)."""
     equation = re.compile(r"(\d+(?:[-+×÷]\d+)+)=(\d+)")
     compared = re.compile(r"(\d+)([<>])(\d+)")
     for task in sample_tasks(3000, seed=11):
@@ -198,7 +203,9 @@ def test_worked_lines_teach_only_true_steps_that_lead_to_the_answer():
         if task.kind == "comparison" and not task.answer.isdigit():
             owner = re.search(r"是(.+?)的，所以(.+?)(?:更|的)", task.reasoning)
             assert owner.group(1) == owner.group(2) == task.answer, task
-        if task.kind == "weekday" and "往" in task.reasoning:
+        if task.kind == "weekday":  # every weekday is counted from a day the question gives
+            (days, rest), = re.findall(r"(\d+)除以7余(\d+)", task.reasoning)
+            assert int(days) % 7 == int(rest) and "往" in task.reasoning, task
             assert task.reasoning.rstrip("。").endswith(task.answer), task
         if task.kind == "counting":
             counted = re.findall(r"\d+", task.reasoning.split("：", 1)[1].split("，")[0])

@@ -50,7 +50,9 @@ def corpus(run: PipelineRun) -> StageOutcome:
         files += [i for i in c.inputs if i != BUILTIN_DEMO]
         return {"files": files, "generated": generated, "field": c.field}
 
-    return run.runner.run("corpus", [to_dict(c), seed, CORPUS_LAYOUT], _input_fingerprint(c.inputs), fn)
+    from ..demo.tasks import TASKS_VERSION  # every later stage's fingerprint chains from this one
+    return run.runner.run("corpus", [to_dict(c), seed, CORPUS_LAYOUT, TASKS_VERSION], _input_fingerprint(c.inputs),
+                          fn)
 
 
 def clean(run: PipelineRun) -> StageOutcome:
