@@ -166,6 +166,18 @@ def test_the_tokenizer_learns_from_the_task_documents_only_when_asked(tmp_path):
     assert trained[True] > trained[False]
 
 
+def test_a_change_to_the_demo_tasks_reruns_the_stages_that_used_them(tmp_path, monkeypatch):
+    """A run cached with older task generators must not pair their documents with the new held-out questions."""
+    from zhllm.demo import tasks
+    logs = []
+    for _ in range(2):
+        run_pipeline(DEMO, overrides(tmp_path / "demo"), until="clean", log=logs.append)
+    monkeypatch.setattr(tasks, "TASKS_VERSION", tasks.TASKS_VERSION + 1)
+    run_pipeline(DEMO, overrides(tmp_path / "demo"), until="clean", log=logs.append)
+    ran = [m.group(1) for m in (re.match(r"\[stage \d+/\d+ (\w+)\] running", line) for line in logs) if m]
+    assert ran == ["corpus", "clean", "corpus", "clean"]
+
+
 def test_killed_pipeline_resumes_pretraining(tmp_path):
     run = tmp_path / "demo"
     args = [sys.executable, "-m", "zhllm", "pipeline", str(DEMO), "--until", "pretrain"]
