@@ -159,11 +159,9 @@ def _weekday_of_date(rng: random.Random) -> Task:
     start = WEEKDAYS[known.weekday()]
     question = rng.choice([f"{_date_text(known)}是{start}，{_date_text(day)}是星期几？",
                            f"已知{_date_text(known)}是{start}，那么{day.month}月{day.day}日是星期几？"])
-    later = day > known
-    gap = abs(day.day - known.day)
-    difference = f"{max(day.day, known.day)}-{min(day.day, known.day)}={gap}"
-    return Task("weekday", question, WEEKDAYS[day.weekday()],
-                f"{difference}，{_count_weekdays(known.weekday(), gap, later)}")
+    first, last = sorted((day.day, known.day))
+    counted = _count_weekdays(known.weekday(), last - first, later=day > known)
+    return Task("weekday", question, WEEKDAYS[day.weekday()], f"{last}-{first}={last - first}，{counted}")
 
 
 def _count_weekdays(start: int, days: int, later: bool) -> str:

@@ -51,8 +51,8 @@ def corpus(run: PipelineRun) -> StageOutcome:
         return {"files": files, "generated": generated, "field": c.field}
 
     from ..demo.tasks import TASKS_VERSION  # every later stage's fingerprint chains from this one
-    return run.runner.run("corpus", [to_dict(c), seed, CORPUS_LAYOUT, TASKS_VERSION], _input_fingerprint(c.inputs),
-                          fn)
+    config = [to_dict(c), seed, CORPUS_LAYOUT, TASKS_VERSION]
+    return run.runner.run("corpus", config, _input_fingerprint(c.inputs), fn)
 
 
 def clean(run: PipelineRun) -> StageOutcome:
