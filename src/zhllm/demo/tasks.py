@@ -154,8 +154,8 @@ def _weekday_of_date(rng: random.Random) -> Task:
     answers were guesses; given a known day, it is a day difference then a weekday offset, both worked.
     """
     day = _random_date(rng)
-    last = calendar.monthrange(day.year, day.month)[1]
-    known = day.replace(day=rng.choice([d for d in range(1, last + 1) if d != day.day]))
+    days_in_month = calendar.monthrange(day.year, day.month)[1]
+    known = day.replace(day=rng.choice([d for d in range(1, days_in_month + 1) if d != day.day]))
     start = WEEKDAYS[known.weekday()]
     question = rng.choice([f"{_date_text(known)}是{start}，{_date_text(day)}是星期几？",
                            f"已知{_date_text(known)}是{start}，那么{day.month}月{day.day}日是星期几？"])
